@@ -1,0 +1,67 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MemberKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMBER_KIND_UNSPECIFIED: _ClassVar[MemberKind]
+    MEMBER_KIND_WORKER: _ClassVar[MemberKind]
+    MEMBER_KIND_SCHEDULER: _ClassVar[MemberKind]
+    MEMBER_KIND_GATEWAY: _ClassVar[MemberKind]
+    MEMBER_KIND_KVSTORE: _ClassVar[MemberKind]
+
+class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_ROLE_UNSPECIFIED: _ClassVar[WorkerRole]
+    WORKER_ROLE_PREFILL: _ClassVar[WorkerRole]
+    WORKER_ROLE_DECODE: _ClassVar[WorkerRole]
+    WORKER_ROLE_BOTH: _ClassVar[WorkerRole]
+MEMBER_KIND_UNSPECIFIED: MemberKind
+MEMBER_KIND_WORKER: MemberKind
+MEMBER_KIND_SCHEDULER: MemberKind
+MEMBER_KIND_GATEWAY: MemberKind
+MEMBER_KIND_KVSTORE: MemberKind
+WORKER_ROLE_UNSPECIFIED: WorkerRole
+WORKER_ROLE_PREFILL: WorkerRole
+WORKER_ROLE_DECODE: WorkerRole
+WORKER_ROLE_BOTH: WorkerRole
+
+class Member(_message.Message):
+    __slots__ = ("id", "kind", "address", "started_at", "version", "worker")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: MemberKind
+    address: str
+    started_at: int
+    version: str
+    worker: WorkerInfo
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[MemberKind, str]] = ..., address: _Optional[str] = ..., started_at: _Optional[int] = ..., version: _Optional[str] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("role", "model", "engine", "max_model_len", "block_size", "kv_blocks_total", "max_num_seqs", "nixl_metadata_key")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    NIXL_METADATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    role: WorkerRole
+    model: str
+    engine: str
+    max_model_len: int
+    block_size: int
+    kv_blocks_total: int
+    max_num_seqs: int
+    nixl_metadata_key: str
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., nixl_metadata_key: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,103 @@
+"""The one interface every inference engine implements.
+
+The worker service only talks to an `Engine`; vLLM and the simulator are
+interchangeable behind it, so everything above a worker (scheduler, gateway,
+benchmarks) cannot tell them apart.
+
+Contract of `Engine.generate`:
+- yields `EngineOutput` deltas; the last one has `finish_reason` set, and
+  nothing is yielded after it;
+- if the consumer stops iterating (the async generator is closed or its task
+  cancelled), the engine aborts the request and frees its KV blocks;
+- `abort(request_id)` ends a running request: its stream yields a last output
+  with finish_reason "abort" (or simply ends if it was already being closed).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """Sampling for one request; `max_tokens` is always resolved by the scheduler."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions
+
+
+@dataclasses.dataclass
+class EngineOutput:
+    """A delta of one request's generation."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    # Filled on the last output (and may be on earlier ones).
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """Static facts about an engine, published in the worker's membership record."""
+
+    model: str
+    max_model_len: int
+    block_size: int
+    kv_blocks_total: int
+    max_num_seqs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLoad:
+    """The engine's load right now."""
+
+    running: int
+    waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, [0, 1]
+    # Lifetime count of tokens the engine itself generated (not what was
+    # delivered): proves an aborted request really stopped in the engine.
+    generated_tokens: int = 0
+
+
+class Engine(abc.ABC):
+    """An inference engine serving one model from token ids."""
+
+    @abc.abstractmethod
+    async def start(self) -> EngineInfo:
+        """Load the model and get ready to serve; returns the engine's facts."""
+
+    @abc.abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Run one request, yielding deltas (see the module docstring)."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> bool:
+        """Abort a running request; False if it was not running."""
+
+    @abc.abstractmethod
+    def load(self) -> EngineLoad:
+        """Current load (cheap: called for every GetLoad)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Abort everything and release the engine's resources."""

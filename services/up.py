@@ -1,0 +1,180 @@
+"""`llm-mesh up`: the whole mesh on one machine, from one command.
+
+Starts etcd, the workers, a scheduler and the gateway as child processes (in
+that order, each waited for until healthy), prints the endpoints, and on
+Ctrl-C / SIGTERM stops them in reverse order — members first, so their leases
+are revoked while etcd still runs — then etcd. Children also die with `up` if
+it is killed outright (PR_SET_PDEATHSIG), so nothing is orphaned.
+
+Topology: flags for the common cases, or `--config topology.yaml`:
+
+    etcd: {port: 2379}            # or {endpoints: "host:2379,..."} for an external etcd
+    scheduler: {port: 50051}
+    gateway: {port: 8000}
+    workers:
+      - {engine: vllm, role: both, cpu_cores: "auto"}
+      - {engine: sim, count: 2}
+    # extra args for a worker: {engine: sim, args: ["--sim-itl", "0.02"]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import signal
+import threading
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from services.etcd_server import EtcdServer
+from services.procs import Child, grpc_serving, http_ok
+
+console = Console(highlight=False)
+
+VLLM_READY_TIMEOUT_S = 300.0
+PROCESS_READY_TIMEOUT_S = 60.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=pathlib.Path, help="topology YAML (see `llm-mesh up --help`)")
+    parser.add_argument("--engine", choices=["vllm", "sim"], default="vllm", help="engine of the default workers")
+    parser.add_argument("--workers", type=int, default=1, help="number of default workers")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--gateway-port", type=int, default=8000)
+    parser.add_argument("--scheduler-port", type=int, default=50051)
+    parser.add_argument("--worker-base-port", type=int, default=50061)
+    parser.add_argument("--etcd-port", type=int, default=2379)
+    parser.add_argument("--etcd", default=None, help="use this external etcd (host:port,...) instead of starting one")
+    parser.add_argument("--lease-ttl", type=int, default=10)
+    parser.add_argument("--run-dir", type=pathlib.Path, default=None,
+                        help="logs and etcd data (default: $LLM_MESH_HOME/run)")
+
+
+def topology(args: argparse.Namespace) -> dict[str, Any]:
+    if args.config:
+        config = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(config, dict):
+            raise SystemExit(f"{args.config}: expected a mapping at the top level")
+    else:
+        config = {"workers": [{"engine": args.engine, "count": args.workers}]}
+    config.setdefault("etcd", {"endpoints": args.etcd} if args.etcd else {"port": args.etcd_port})
+    config.setdefault("scheduler", {"port": args.scheduler_port})
+    config.setdefault("gateway", {"port": args.gateway_port})
+    return config
+
+
+def worker_children(workers: list[dict[str, Any]], args: argparse.Namespace, etcd: str,
+                    log_dir: pathlib.Path) -> list[tuple[Child, str, bool]]:
+    """(child, address, is_vllm) for every worker of the topology."""
+    cores = os.cpu_count() or 1
+    vllm_count = sum(w.get("count", 1) for w in workers if w.get("engine", "vllm") == "vllm")
+    out = []
+    port = args.worker_base_port
+    vllm_index = 0
+    for spec in workers:
+        for _ in range(int(spec.get("count", 1))):
+            engine = spec.get("engine", "vllm")
+            argv = ["worker", "--engine", engine, "--role", spec.get("role", "both"), "--host", args.host,
+                    "--port", str(port), "--etcd", etcd, "--lease-ttl", str(args.lease_ttl)]
+            if engine == "vllm":
+                # Several engines on one host must each own their cores (DESIGN.md).
+                default_cores = "auto" if vllm_count == 1 else str(vllm_index % cores)
+                argv += ["--cpu-cores", str(spec.get("cpu_cores", default_cores))]
+                vllm_index += 1
+            argv += [str(a) for a in spec.get("args", [])]
+            name = f"worker-{port}"
+            out.append((Child.llm_mesh(name, argv, log_dir), f"{args.host}:{port}", engine == "vllm"))
+            port += 1
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.model_fetch import default_model_dir
+
+    config = topology(args)
+    home = pathlib.Path(os.environ.get("LLM_MESH_HOME", pathlib.Path.home() / ".cache" / "llm-mesh"))
+    run_dir = args.run_dir or home / "run"
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    etcd_server = None
+    started: list[Child] = []
+    try:
+        if "endpoints" in config["etcd"]:
+            etcd = str(config["etcd"]["endpoints"])
+        else:
+            port = int(config["etcd"]["port"])
+            # The embedded etcd is ephemeral: stale members of a previous run would
+            # linger until their leases expired.
+            shutil.rmtree(run_dir / "etcd-data", ignore_errors=True)
+            etcd_server = EtcdServer(run_dir / "etcd-data", port, port + 1, host=args.host,
+                                     log_path=log_dir / "etcd.log")
+            with console.status("starting etcd"):
+                etcd_server.start()
+            etcd = etcd_server.endpoint
+            console.print(f"[green]✓[/] etcd          {etcd}  (pid {etcd_server.process.pid})")
+
+        if any(w.get("engine", "vllm") == "vllm" for w in config["workers"]) and not (
+                default_model_dir() / ".llm-mesh-complete").exists():
+            raise SystemExit("the model is not fetched yet: run `llm-mesh model fetch` (make run does it)")
+
+        workers = worker_children(config["workers"], args, etcd, log_dir)
+        for child, _, _ in workers:
+            child.start()
+            started.append(child)
+        for child, address, is_vllm in workers:
+            with console.status(f"loading {child.name} ({'vLLM' if is_vllm else 'sim'}) …"):
+                child.wait_ready(lambda a=address: stop.is_set() or grpc_serving(a),
+                                 VLLM_READY_TIMEOUT_S if is_vllm else PROCESS_READY_TIMEOUT_S)
+            if stop.is_set():
+                return 130
+            console.print(f"[green]✓[/] {child.name:<13} {address}  (pid {child.pid})")
+
+        scheduler_address = f"{args.host}:{config['scheduler']['port']}"
+        scheduler = Child.llm_mesh("scheduler", ["scheduler", "--host", args.host, "--port",
+                                                 str(config["scheduler"]["port"]), "--etcd", etcd,
+                                                 "--lease-ttl", str(args.lease_ttl)], log_dir)
+        scheduler.start()
+        started.append(scheduler)
+        with console.status("starting the scheduler"):
+            scheduler.wait_ready(lambda: stop.is_set() or grpc_serving(scheduler_address), PROCESS_READY_TIMEOUT_S)
+        console.print(f"[green]✓[/] scheduler     {scheduler_address}  (pid {scheduler.pid})")
+
+        gateway_url = f"http://{args.host}:{config['gateway']['port']}"
+        gateway = Child.llm_mesh("gateway", ["gateway", "--host", args.host, "--port", str(config["gateway"]["port"]),
+                                             "--scheduler", scheduler_address, "--etcd", etcd], log_dir)
+        gateway.start()
+        started.append(gateway)
+        with console.status("starting the gateway"):
+            gateway.wait_ready(lambda: stop.is_set() or http_ok(f"{gateway_url}/health"), PROCESS_READY_TIMEOUT_S)
+        console.print(f"[green]✓[/] gateway       {gateway_url}  (pid {gateway.pid})")
+
+        console.print(f"\n[bold]llm-mesh is up.[/] Logs in {log_dir}. Ctrl-C stops everything.\n"
+                      f"  OpenAI REST   {gateway_url}/v1  (chat/completions, completions, models)\n"
+                      f"  gRPC          {scheduler_address}  (llm_mesh.v1.Inference, llm_mesh.v1.Scheduler)\n"
+                      f"  etcd          {etcd}\n"
+                      f"  try: curl {gateway_url}/v1/chat/completions -H 'Content-Type: application/json' "
+                      f"-d '{{\"model\":\"SmolLM2-135M-Instruct\",\"messages\":[{{\"role\":\"user\","
+                      f"\"content\":\"What is the capital of France?\"}}]}}'")
+        while not stop.wait(1.0):
+            dead = [c for c in started if not c.alive()]
+            if dead:
+                console.print(f"[red]✗[/] {dead[0].name} exited ({dead[0].process.returncode}):\n{dead[0].tail()}")
+                return 1
+        return 0
+    finally:
+        console.print("stopping …")
+        for child in reversed(started):
+            code = child.stop()
+            console.print(f"  stopped {child.name} (exit {code})")
+        if etcd_server is not None:
+            etcd_server.stop()
+            console.print("  stopped etcd")

@@ -1,0 +1,204 @@
+"""`llm-mesh worker`: one inference engine behind the internal `Worker` gRPC API.
+
+Lifecycle: bind the port and answer health NOT_SERVING → load the engine →
+SERVING and register in etcd → on SIGTERM/SIGINT: NOT_SERVING, revoke the lease
+(schedulers stop routing here at once), let in-flight calls finish for
+`--drain-seconds`, stop the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llm_mesh.v1 import membership_pb2, sampling_pb2, worker_pb2, worker_pb2_grpc
+from services import __version__
+from services.engines.base import Engine, EngineInfo, EngineRequest, SamplingOptions
+from services.grpc_util import RpcError, abort, invalid, make_server, set_serving, stop_event_on_signals
+from services.membership import DEFAULT_TTL_S, Registration, parse_endpoints
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+_FINISH = {
+    "stop": sampling_pb2.FINISH_REASON_STOP,
+    "length": sampling_pb2.FINISH_REASON_LENGTH,
+    "abort": sampling_pb2.FINISH_REASON_ABORT,
+}
+ROLES = {
+    "prefill": membership_pb2.WORKER_ROLE_PREFILL,
+    "decode": membership_pb2.WORKER_ROLE_DECODE,
+    "both": membership_pb2.WORKER_ROLE_BOTH,
+}
+
+
+def sampling_options(params: sampling_pb2.SamplingParams) -> SamplingOptions:
+    """Proto → engine options. The scheduler has validated ranges and set max_tokens."""
+    return SamplingOptions(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature if params.HasField("temperature") else 1.0,
+        top_p=params.top_p if params.HasField("top_p") else 1.0,
+        seed=params.seed if params.HasField("seed") else None,
+        stop=tuple(params.stop),
+        stop_token_ids=tuple(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+    )
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Runs requests on the engine and keeps lifetime counters for GetLoad."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.info: EngineInfo | None = None  # set once the engine is loaded
+        self.counters = worker_pb2.WorkerLoad()
+
+    async def Generate(
+        self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        try:
+            engine_request = self._validate(request)
+        except RpcError as error:
+            await abort(context, error)
+            return
+        self.counters.prompt_tokens += len(engine_request.prompt_token_ids)
+        outputs = self.engine.generate(engine_request)
+        finish = None
+        try:
+            async for out in outputs:
+                response = worker_pb2.WorkerGenerateResponse(token_ids=out.token_ids, text=out.text)
+                if out.finish_reason is not None:
+                    finish = out.finish_reason
+                    response.finish_reason = _FINISH[finish]
+                    response.usage.prompt_tokens = out.prompt_tokens
+                    response.usage.completion_tokens = out.completion_tokens
+                    response.usage.total_tokens = out.prompt_tokens + out.completion_tokens
+                    response.usage.cached_prompt_tokens = out.cached_prompt_tokens
+                    self.counters.cached_prompt_tokens += out.cached_prompt_tokens
+                yield response
+        except ValueError as exc:  # the engine rejected the input (e.g. token id out of vocabulary)
+            await abort(context, invalid(str(exc), "prompt_token_ids"))
+        finally:
+            # Closing the engine's generator aborts the engine request when the
+            # caller went away (cancel, deadline) before it finished.
+            await outputs.aclose()
+            self.counters.requests_finished += 1
+            if finish in (None, "abort"):
+                self.counters.requests_aborted += 1
+
+    def _validate(self, request: worker_pb2.WorkerGenerateRequest) -> EngineRequest:
+        if self.info is None:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "engine is still loading")
+        if not request.request_id:
+            raise invalid("request_id is required", "request_id")
+        if request.model and request.model != self.info.model:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"this worker serves {self.info.model!r}, not {request.model!r}",
+                           field="model")
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise invalid("prompt_token_ids must not be empty", "prompt_token_ids")
+        max_tokens = request.sampling.max_tokens
+        if max_tokens < 1:
+            raise invalid("sampling.max_tokens must be at least 1", "sampling.max_tokens")
+        if len(prompt) + max_tokens > self.info.max_model_len:
+            raise invalid(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context window "
+                f"({self.info.max_model_len} tokens)", "prompt_token_ids")
+        return EngineRequest(request.request_id, prompt, sampling_options(request.sampling))
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
+        return worker_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
+
+    async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerLoad:
+        load = worker_pb2.WorkerLoad()
+        load.CopyFrom(self.counters)
+        now = self.engine.load()
+        load.running, load.waiting, load.kv_cache_usage = now.running, now.waiting, now.kv_cache_usage
+        load.generated_tokens = now.generated_tokens
+        if self.info is not None:
+            load.kv_blocks_total = self.info.kv_blocks_total
+        return load
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    if args.engine == "vllm":
+        from services.engines.vllm_engine import VllmEngine, VllmSettings
+
+        return VllmEngine(VllmSettings(
+            model_dir=str(args.model_dir), model_name=args.model, max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
+            cpu_cores=args.cpu_cores,
+        ))
+    from services.engines.sim_engine import build_sim_engine
+
+    return build_sim_engine(args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from services.engines.sim_engine import add_sim_arguments
+    from services.model_fetch import DEFAULT_MODEL_NAME, default_model_dir
+
+    parser.add_argument("--role", choices=sorted(ROLES), default="both")
+    parser.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
+    parser.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name served (as clients pass it)")
+    parser.add_argument("--model-dir", default=None, help="HF model directory (default: the fetched model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind and advertise")
+    parser.add_argument("--port", type=int, default=50061)
+    parser.add_argument("--id", default=None, help="member id (default: worker-<port>-<random>)")
+    parser.add_argument("--etcd", default="127.0.0.1:2379", help="comma-separated etcd endpoints")
+    parser.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
+    parser.add_argument("--drain-seconds", type=float, default=5.0, help="grace for in-flight calls on shutdown")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=32, help="tokens per KV block (vLLM on CPU: a multiple of 32)")
+    parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM CPU KV cache size")
+    parser.add_argument("--cpu-cores", default="auto",
+                        help="vLLM OMP core binding (VLLM_CPU_OMP_THREADS_BIND), e.g. 0 or 1 or 0-1")
+    add_sim_arguments(parser)
+    parser.set_defaults(model_dir_default=default_model_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model_dir is None:
+        args.model_dir = str(args.model_dir_default())
+    asyncio.run(serve(args))
+    return 0
+
+
+async def serve(args: argparse.Namespace) -> None:
+    engine = build_engine(args)
+    servicer = WorkerServicer(engine)
+    server, health, port = make_server(f"{args.host}:{args.port}", [SERVICE_NAME])
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    await server.start()
+    stop = stop_event_on_signals()
+    member_id = args.id or f"worker-{port}-{secrets.token_hex(3)}"
+    log.info("worker %s loading %s engine", member_id, args.engine)
+    try:
+        servicer.info = info = await engine.start()
+        member = membership_pb2.Member(
+            id=member_id, kind=membership_pb2.MEMBER_KIND_WORKER, address=f"{args.host}:{port}",
+            started_at=int(time.time()), version=__version__,
+            worker=membership_pb2.WorkerInfo(
+                role=ROLES[args.role], model=info.model, engine=args.engine, max_model_len=info.max_model_len,
+                block_size=info.block_size, kv_blocks_total=info.kv_blocks_total, max_num_seqs=info.max_num_seqs,
+            ),
+        )
+        async with Registration(parse_endpoints(args.etcd), member, ttl=args.lease_ttl) as registration:
+            await registration.registered.wait()
+            await set_serving(health, [SERVICE_NAME], True)
+            log.info("worker %s serving %s at %s:%d (pid %d)", member_id, info.model, args.host, port, os.getpid())
+            await stop.wait()
+            await set_serving(health, [SERVICE_NAME], False)
+        log.info("worker %s left the mesh; draining", member_id)
+        await server.stop(grace=args.drain_seconds)
+    finally:
+        await server.stop(grace=None)
+        await engine.stop()

@@ -1,0 +1,101 @@
+"""The scheduler's live view of the workers: membership from etcd, one gRPC
+channel per worker, and load polled from each worker's GetLoad.
+
+Routing state lives in scheduler.routing.WorkerState; this module only keeps it
+current. A worker whose etcd key is deleted (lease expired or revoked) is
+dropped at once, its channel closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from llm_mesh.v1 import membership_pb2, worker_pb2, worker_pb2_grpc
+from scheduler.routing import WorkerState
+from services.grpc_util import CHANNEL_OPTIONS
+from services.membership import MemberDirectory
+
+log = logging.getLogger(__name__)
+
+
+class PooledWorker:
+    def __init__(self, member: membership_pb2.Member) -> None:
+        self.member = member
+        self.channel = grpc.aio.insecure_channel(member.address, options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.state = WorkerState(
+            worker_id=member.id, model=member.worker.model, max_num_seqs=member.worker.max_num_seqs or 1
+        )
+        self.load = worker_pb2.WorkerLoad()
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+class WorkerPool:
+    def __init__(self, etcd_endpoints: Sequence[str], poll_interval_s: float = 1.0) -> None:
+        self.workers: dict[str, PooledWorker] = {}
+        self.directory = MemberDirectory(etcd_endpoints, membership_pb2.MEMBER_KIND_WORKER)
+        self.directory.add_listener(self._on_member)
+        self.poll_interval_s = poll_interval_s
+        self._poller: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.directory.start()
+        self._poller = asyncio.create_task(self._poll_loop(), name="worker-load-poller")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self.directory.stop()
+        await asyncio.gather(*(w.close() for w in self.workers.values()), *self._closing)
+        self.workers.clear()
+
+    def states(self) -> list[WorkerState]:
+        return [w.state for w in self.workers.values()]
+
+    def models(self) -> dict[str, int]:
+        """Model name → its context window (the smallest among its workers)."""
+        out: dict[str, int] = {}
+        for w in self.workers.values():
+            info = w.member.worker
+            out[info.model] = min(out.get(info.model, info.max_model_len), info.max_model_len)
+        return out
+
+    def _on_member(self, member_id: str, member: membership_pb2.Member | None) -> None:
+        old = self.workers.pop(member_id, None)
+        if member is not None and old is not None and old.member.address == member.address:
+            old.member = member  # same process, new record: keep the channel and counters
+            self.workers[member_id] = old
+            return
+        if old is not None:
+            log.info("worker %s left (%s)", member_id, old.member.address)
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        if member is not None:
+            log.info("worker %s joined at %s serving %s", member_id, member.address, member.worker.model)
+            self.workers[member_id] = PooledWorker(member)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def _poll(self, worker: PooledWorker) -> None:
+        try:
+            load = await worker.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=self.poll_interval_s)
+        except grpc.aio.AioRpcError:
+            return  # membership decides liveness; a missed poll keeps the last load
+        worker.load = load
+        worker.state.reported_running = load.running
+        worker.state.reported_waiting = load.waiting
+        worker.state.kv_cache_usage = load.kv_cache_usage
