@@ -20,6 +20,10 @@ COMMANDS = [
     ("gateway", "services.gateway", "run the OpenAI-compatible REST gateway"),
 ]
 
+BENCHMARKS = [
+    ("overhead", "services.bench.overhead", "TTFT/ITL through the mesh vs the vLLM engine called directly"),
+]
+
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-mesh", description="A distributed LLM inference mesh.")
@@ -31,6 +35,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, module, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text)
         if name == chosen:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(run=mod.run)
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    for name, module, help_text in BENCHMARKS:
+        p = bench_sub.add_parser(name, help=help_text)
+        if chosen == "bench":
             mod = importlib.import_module(module)
             mod.add_arguments(p)
             p.set_defaults(run=mod.run)

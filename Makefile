@@ -1,0 +1,41 @@
+# The two commands: `make run` (set up, then start the mesh) and `make test`
+# (set up, then run the whole suite). Both work on a fresh machine: they build
+# the venv, install every package, and fetch the model themselves.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODEL  := $(or $(LLM_MESH_HOME),$(HOME)/.cache/llm-mesh)/models/SmolLM2-135M-Instruct/.llm-mesh-complete
+
+.PHONY: setup run test test-fast protos lint clean
+
+setup: $(STAMP) $(MODEL)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	@# Beside the CPU torch these break `import transformers` (DESIGN.md).
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+$(MODEL): $(STAMP)
+	$(VENV)/bin/llm-mesh model fetch
+
+run: setup
+	$(VENV)/bin/llm-mesh up $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+# Everything but the real-vLLM end-to-end tests.
+test-fast: setup
+	$(VENV)/bin/pytest -ra -m 'not vllm' $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(PY) protos/generate.py
+	cd protos && ../$(VENV)/bin/buf lint
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

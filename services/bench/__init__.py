@@ -1,0 +1,1 @@
+"""`llm-mesh bench …`: benchmarks that print numbers and write JSON."""

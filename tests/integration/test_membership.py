@@ -1,0 +1,121 @@
+"""Membership against a real etcd: leases, revocation, expiry, watches, and a
+worker killed with SIGKILL leaving the scheduler's routing within the TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import grpc
+import pytest
+
+from llm_mesh.v1 import inference_pb2, inference_pb2_grpc, membership_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.etcd_server import EtcdServer
+from services.membership import MemberDirectory, Registration
+from tests.conftest import SIM_ARGS, free_port, start_mesh
+
+
+def worker_member(member_id: str) -> membership_pb2.Member:
+    return membership_pb2.Member(id=member_id, kind=membership_pb2.MEMBER_KIND_WORKER, address="127.0.0.1:1",
+                                 worker=membership_pb2.WorkerInfo(model="m", max_model_len=100))
+
+
+async def wait_for(predicate, timeout: float) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def test_register_watch_and_revoke_on_exit(etcd):
+    directory = MemberDirectory([etcd.endpoint], membership_pb2.MEMBER_KIND_WORKER)
+    seen = []
+    directory.add_listener(lambda member_id, member: seen.append((member_id, member is not None)))
+    await directory.start()
+    try:
+        async with Registration([etcd.endpoint], worker_member("reg-a"), ttl=5) as registration:
+            await registration.registered.wait()
+            await wait_for(lambda: "reg-a" in directory.members, 2)
+            assert directory.members["reg-a"].worker.model == "m"
+        # Revoked on a clean exit: gone at once, not after the 5 s TTL.
+        assert await wait_for(lambda: "reg-a" not in directory.members, 1.0) < 1.0
+        assert seen == [("reg-a", True), ("reg-a", False)]
+    finally:
+        await directory.stop()
+
+
+async def test_update_republishes_the_record(etcd):
+    directory = MemberDirectory([etcd.endpoint], membership_pb2.MEMBER_KIND_WORKER)
+    await directory.start()
+    try:
+        async with Registration([etcd.endpoint], worker_member("reg-b"), ttl=5) as registration:
+            await registration.registered.wait()
+            updated = worker_member("reg-b")
+            updated.address = "127.0.0.1:2"
+            registration.update(updated)
+            await wait_for(lambda: directory.members.get("reg-b", updated).address == "127.0.0.1:2", 2)
+    finally:
+        await directory.stop()
+
+
+async def test_outage_keeps_the_view_and_re_registers(tmp_path):
+    server = EtcdServer(tmp_path / "etcd", free_port(), free_port())
+    server.start()
+    directory = MemberDirectory([server.endpoint], membership_pb2.MEMBER_KIND_WORKER)
+    await directory.start()
+    try:
+        async with Registration([server.endpoint], worker_member("reg-c"), ttl=2) as registration:
+            await registration.registered.wait()
+            await wait_for(lambda: "reg-c" in directory.members, 2)
+            server.pause()  # etcd hangs: no answers, sockets open
+            await asyncio.sleep(4)
+            assert "reg-c" in directory.members, "the last known view must survive an etcd outage"
+            server.resume()
+            # The lease lapsed during the outage: the registration grants a new one.
+            await wait_for(lambda: registration.registered.is_set() and "reg-c" in directory.members, 10)
+            await asyncio.sleep(3)  # longer than the TTL: the new lease is being kept alive
+            assert "reg-c" in directory.members
+    finally:
+        server.resume()
+        await directory.stop()
+        server.stop()
+
+
+async def test_killed_worker_leaves_routing_within_the_ttl(tmp_path, model_dir):
+    ttl = 3
+    server = EtcdServer(tmp_path / "etcd", free_port(), free_port())
+    server.start()
+    mesh = start_mesh(server, tmp_path / "logs", model_dir, [SIM_ARGS] * 3, lease_ttl=ttl)
+    try:
+        async with grpc.aio.insecure_channel(mesh.scheduler_address) as channel:
+            admin = scheduler_pb2_grpc.SchedulerStub(channel)
+            inference = inference_pb2_grpc.InferenceStub(channel)
+
+            async def live() -> set[str]:
+                listed = await admin.ListWorkers(scheduler_pb2.ListWorkersRequest())
+                return {w.member.address for w in listed.workers}
+
+            assert await live() == set(mesh.workers)
+            victim_address, victim = next(iter(mesh.workers.items()))
+            victim.signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            while victim_address in await live():
+                assert time.monotonic() - killed_at < ttl + 1.5, "dead worker still routed after the TTL"
+                await asyncio.sleep(0.1)
+            gone_after = time.monotonic() - killed_at
+            print(f"killed worker left routing after {gone_after:.2f}s (ttl {ttl}s)")
+
+            request = inference_pb2.GenerateRequest(model=mesh.model, prompt="after the kill")
+            request.sampling.max_tokens = 4
+            served_by = set()
+            for _ in range(6):
+                responses = [r async for r in inference.Generate(request)]
+                assert responses[-1].usage.completion_tokens == 4
+                served_by.add(responses[0].worker_id)
+            assert len(served_by) == 2
+    finally:
+        mesh.stop()
+        server.stop()
