@@ -23,10 +23,10 @@ effect rather than failing the request.
 Left to the scheduler (its gRPC status becomes the HTTP status): empty messages,
 roles, max_tokens <= 0 or beyond the context window, prompt length, sampling
 ranges, n != 1, more than 4 stops, unknown model. Mapping: INVALID_ARGUMENT 400,
-UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, RESOURCE_EXHAUSTED 429
-(Retry-After from a google.rpc.RetryInfo), CANCELLED 499, UNAVAILABLE 503,
-DEADLINE_EXCEEDED 504, anything else 500. A google.rpc.BadRequest field
-violation becomes the error's `param`.
+UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, RESOURCE_EXHAUSTED 429,
+CANCELLED 499, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, anything else 500; a
+google.rpc.RetryInfo on a 429 or 503 becomes Retry-After (whole seconds, rounded
+up). A google.rpc.BadRequest field violation becomes the error's `param`.
 
 Streaming: the first chunk is awaited before the 200 is sent, so an error the
 scheduler raises up front is a real HTTP status; an error after that is an SSE
@@ -43,8 +43,8 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,6 +61,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llm_mesh.v1 import inference_pb2, inference_pb2_grpc
+from services.grpc_util import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> ApiError:
             elif any_detail.Unpack(hint):
                 retry = hint.retry_delay.ToTimedelta().total_seconds()
     return ApiError(status, exc.details() or exc.code().name, param=param, code=code,
-                    retry_after_s=retry if status == 429 else None)
+                    retry_after_s=retry if status in (429, 503) else None)
 
 
 # ---------------------------------------------------------------- request body → proto
@@ -393,9 +394,7 @@ class _Scheduler:
     @property
     def stub(self) -> inference_pb2_grpc.InferenceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=[
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
             self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         return self._stub
 
@@ -553,48 +552,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated etcd endpoints; when given the gateway registers itself")
 
 
-class _Server:
+class _QuietServer:
     """uvicorn, with signals handled here so shutdown continues past serve()
     (uvicorn would re-raise the signal and skip the lease revocation)."""
 
     def __init__(self, config: Any) -> None:
         import uvicorn
 
-        class Quiet(uvicorn.Server):
+        class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Any:
                 yield
 
-        self.server = Quiet(config)
+        self.server = Server(config)
 
-    async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def stop() -> None:
-            self.server.force_exit = self.server.should_exit
-            self.server.should_exit = True
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
-        await self.server.serve()
+    def stop(self) -> None:
+        self.server.force_exit = self.server.should_exit  # a second signal skips the graceful wait
+        self.server.should_exit = True
 
 
 async def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     app = build_app(args.scheduler, args.max_body_bytes, args.request_timeout)
-    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                    timeout_graceful_shutdown=10))
+    quiet = _QuietServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                        timeout_graceful_shutdown=10))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, quiet.stop)
+    serving = asyncio.create_task(quiet.server.serve())
+    while not quiet.server.started and not serving.done():
+        await asyncio.sleep(0.05)
     async with contextlib.AsyncExitStack() as stack:
-        if args.etcd:
-            from services import membership
+        if args.etcd and quiet.server.started:  # advertise only once the port is listening
             from llm_mesh.v1 import membership_pb2
+            from services import membership
 
             member = membership_pb2.Member(
-                id=f"gateway-{socket.gethostname()}-{os.getpid()}", kind=membership_pb2.MEMBER_KIND_GATEWAY,
+                id=f"gateway-{args.port}-{secrets.token_hex(3)}", kind=membership_pb2.MEMBER_KIND_GATEWAY,
                 address=f"{args.host}:{args.port}", started_at=int(time.time()), version=_version())
             await stack.enter_async_context(membership.Registration(membership.parse_endpoints(args.etcd), member))
-        await server.serve()
+        await serving
 
 
 def _version() -> str:

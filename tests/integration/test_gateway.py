@@ -578,7 +578,7 @@ class _FakeInference(inference_pb2_grpc.InferenceServicer):
     def _status(user: str) -> grpc.Status:
         code = grpc.StatusCode[user]
         return status_with_details(code, f"fake {code.name}", field="messages" if code.name == "INVALID_ARGUMENT"
-                                   else None, retry_after_s=2.5 if code.name == "RESOURCE_EXHAUSTED" else None)
+                                   else None, retry_after_s=2.5 if code.name in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else None)
 
     async def _hang(self) -> None:
         try:
@@ -637,7 +637,7 @@ async def test_grpc_status_mapping(fake, code: str, status: int, error_type: str
             error = assert_error(r, status, says=f"fake {code}")
             assert error["type"] == error_type
             assert error["param"] == ("messages" if code == "INVALID_ARGUMENT" else None)
-            assert r.headers.get("retry-after") == ("3" if code == "RESOURCE_EXHAUSTED" else None)
+            assert r.headers.get("retry-after") == ("3" if code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else None)
 
 
 async def test_error_mid_stream_is_an_sse_event(fake) -> None:
