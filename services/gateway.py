@@ -404,6 +404,22 @@ class _Scheduler:
             self._channel = self._stub = None
 
 
+class _SseResponse(StreamingResponse):
+    """An SSE stream that cancels its gRPC call however it ends, even if the
+    client leaves before the body generator ever starts."""
+
+    def __init__(self, body: AsyncIterator[bytes], call: Any) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._call = call
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._call.cancel()
+
+
 async def _until_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -461,8 +477,7 @@ def build_app(scheduler_target: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
 
         if first is grpc.aio.EOF:
             raise ApiError(502, "the scheduler ended the stream without a response", code="empty_stream")
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _SseResponse(body(), call)
 
     async def chat_completions(request: Request) -> Response:
         req, options = chat_request(await read_json_object(request, max_body_bytes))

@@ -1,0 +1,484 @@
+"""A simulated inference engine: paged KV cache, prefix cache, continuous batching.
+
+Pure: no I/O, no asyncio, no wall clock. Every mutator takes the current time
+`now` (float seconds, non-decreasing); `advance(now)` runs the model up to
+`now` and returns the tokens produced, each stamped with the modelled time it
+was produced at. `next_event_time()` says when to call `advance` next, so a
+real-time driver (sim_engine) sleeps until then and a discrete-event benchmark
+jumps there.
+
+The engine runs one *step* at a time, like vLLM without chunked prefill:
+- a step either prefills newly admitted requests (and samples their first
+  token) or decodes one token for every running request;
+- a step's duration is fixed when it starts (`SimLatency`); requests arriving
+  during a step join a later one; tokens appear at the step's end;
+- prefill has priority: a step prefills whenever the head of the FIFO waiting
+  queue can be admitted, i.e. fewer than `max_num_seqs` run and the KV cache
+  has the blocks for its tokens (FCFS: a head that doesn't fit blocks the rest).
+
+KV cache (`BlockPool`, after vllm/v1/core/block_pool.py):
+- a request holding `n` tokens (prompt + generated) holds ceil(n / block_size)
+  blocks; every full block is keyed by its chained hash (scheduler/block_hash),
+  prompt and generated blocks alike, exactly as vLLM keys them, so the hit a
+  request gets here is the hit vLLM would report;
+- a hit is the longest run of cached full blocks from the start, capped like
+  vLLM's at (n - 1) // block_size blocks (the last token is always recomputed,
+  its logits are needed);
+- blocks are ref-counted; a block whose count drops to 0 stays cached and goes
+  to the tail of the free queue; a new block is taken from the head (LRU), and
+  taking a cached one evicts its hash. A request's blocks are freed tail
+  first, so the end of a prompt is evicted before its shared beginning;
+- when a decode step lacks a block, the most recently admitted request is
+  preempted (blocks freed, back to the front of the waiting queue; it resumes
+  by prefilling prompt + generated tokens, mostly cache hits).
+
+Tokens are real ids of the vocabulary, never a special one, and a pure
+function of (request key, position): the request key is the prompt alone for
+greedy requests (temperature 0), else (seed, prompt) when a seed is given,
+else (request id, prompt). So a run is reproducible, and independent of
+timing, batching and preemption.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+
+from scheduler.block_hash import DEFAULT_SEED, BlockHasher, sha256_cbor
+from services.engines.base import EngineInfo, EngineLoad, EngineRequest, FinishReason
+
+
+@dataclasses.dataclass(frozen=True)
+class SimLatency:
+    """How long steps take. Defaults: roughly an 8B model on one H100 under vLLM.
+
+    - prefill: `step_overhead_s + prefill_per_token_s * uncached prompt tokens`
+      (10k tokens/s; cached tokens are free, like a real prefix-cache hit);
+    - decode: `itl_s * (1 + batch_slowdown * (running - 1))` (8 ms per token
+      alone; decode is memory-bound, so 32 running requests only make each
+      step ~1.5x slower: that is why batching pays).
+    """
+
+    prefill_per_token_s: float = 1e-4
+    step_overhead_s: float = 0.002  # scheduling, sampling and launch cost of a prefill step
+    itl_s: float = 0.008  # decode step at batch 1, its fixed overhead included
+    batch_slowdown: float = 0.015  # fraction of itl_s added per extra running request
+
+    def prefill_time(self, uncached_tokens: int) -> float:
+        return self.step_overhead_s + self.prefill_per_token_s * uncached_tokens
+
+    def decode_time(self, batch: int) -> float:
+        return self.itl_s * (1.0 + self.batch_slowdown * (batch - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    """Sizes and behaviour of one simulated engine."""
+
+    model: str = "sim"
+    block_size: int = 16
+    # 8192 x 16 = 131k tokens of KV, about what an 8B model leaves on an H100.
+    num_blocks: int = 8192
+    max_num_seqs: int = 32
+    max_model_len: int = 4096
+    # Uncached prompt tokens one prefill step may take (vLLM's max_num_batched_tokens);
+    # a single longer prompt still goes alone.
+    max_prefill_tokens: int = 8192
+    # Chance per generated token of a simulated EOS (finish "stop", unless the
+    # request sets ignore_eos). 0: requests run to max_tokens, which is what
+    # benchmarks want (output lengths come from the workload).
+    eos_probability: float = 0.0
+    hash_seed: str = DEFAULT_SEED
+    latency: SimLatency = SimLatency()
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """Token ids the simulator may produce: [0, size) minus the special ids."""
+
+    size: int
+    special_ids: frozenset[int] = frozenset()
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        excluded = set(self.special_ids)
+        if self.eos_token_id is not None:
+            excluded.add(self.eos_token_id)
+        allowed = tuple(i for i in range(self.size) if i not in excluded)
+        if not allowed:
+            raise ValueError("the vocabulary has no ordinary token")
+        object.__setattr__(self, "_allowed", allowed)
+
+    def request_key(self, request: EngineRequest) -> bytes:
+        s = request.sampling
+        who = "greedy" if s.temperature == 0 else (["seed", s.seed] if s.seed is not None
+                                                    else ["id", request.request_id])
+        return sha256_cbor(["llm-mesh-sim", who, tuple(request.prompt_token_ids)])
+
+    def draw(self, key: bytes, position: int) -> tuple[int, float]:
+        """(token id, uniform in [0, 1) for the EOS draw) at output `position`."""
+        d = hashlib.blake2b(key + position.to_bytes(8, "little"), digest_size=16).digest()
+        allowed: tuple[int, ...] = self._allowed  # type: ignore[attr-defined]
+        return (allowed[int.from_bytes(d[:8], "little") % len(allowed)],
+                int.from_bytes(d[8:], "little") / 2.0**64)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimOutput:
+    """One token of one request, produced at modelled time `time`."""
+
+    request_id: str
+    token_id: int
+    time: float
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclasses.dataclass
+class SimStats:
+    """Lifetime counters (monotonic)."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # first admission only, like vLLM's num_cached_tokens
+    generated_tokens: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0
+    blocks_stored: int = 0
+    blocks_evicted: int = 0
+
+
+class BlockPool:
+    """Ref-counted KV blocks with a hash-keyed prefix cache and an LRU free queue.
+
+    Invariants: a block is in `_free` iff its ref count is 0; `_cached[h] == b`
+    iff `_hash[b] == h` (one block per hash: a duplicate stays unkeyed).
+    """
+
+    def __init__(self, num_blocks: int, stats: SimStats) -> None:
+        self.num_blocks = num_blocks
+        self._ref = [0] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}
+        self._free: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_blocks))
+        self._stats = stats
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be allocated (unreferenced, cached or not)."""
+        return len(self._free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def longest_hit(self, hashes: Sequence[bytes]) -> list[int]:
+        hit: list[int] = []
+        for h in hashes:
+            block = self._cached.get(h)
+            if block is None:
+                break
+            hit.append(block)
+        return hit
+
+    def num_unreferenced(self, blocks: Iterable[int]) -> int:
+        return sum(1 for b in blocks if self._ref[b] == 0)
+
+    def touch(self, blocks: Iterable[int]) -> None:
+        for b in blocks:
+            if self._ref[b] == 0:
+                del self._free[b]
+            self._ref[b] += 1
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"need {n} blocks, {len(self._free)} free")
+        blocks = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            if self._hash[b] is not None:
+                self._evict(b)
+            self._ref[b] = 1
+            blocks.append(b)
+        return blocks
+
+    def free(self, blocks: Sequence[int]) -> None:
+        # Tail first: the blocks of a sequence's end are the least likely to be
+        # shared, so they should be the first evicted.
+        for b in reversed(blocks):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free[b] = None
+
+    def cache(self, block: int, block_hash: bytes, parent: bytes | None, token_ids: Sequence[int]) -> None:
+        """Key a full block by its hash (no-op if that hash is already cached)."""
+        if block_hash in self._cached or self._hash[block] is not None:
+            return
+        self._cached[block_hash] = block
+        self._hash[block] = block_hash
+        self._stats.blocks_stored += 1
+        # KV events: emit BlockStored(block_hashes=[block_hash], parent, token_ids, block_size) here.
+
+    def _evict(self, block: int) -> None:
+        block_hash = self._hash[block]
+        assert block_hash is not None
+        del self._cached[block_hash]
+        self._hash[block] = None
+        self._stats.blocks_evicted += 1
+        # KV events: emit BlockRemoved(block_hash) here.
+
+
+class _State(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class _Seq:
+    request: EngineRequest
+    key: bytes
+    tokens: list[int]  # prompt + generated
+    block_hashes: list[bytes]  # of every full block of `tokens`
+    state: _State = _State.WAITING
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    num_cached_blocks: int = 0  # leading blocks already keyed in the pool
+    cached_prompt_tokens: int | None = None  # set at first admission
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+@dataclasses.dataclass(eq=False)
+class _Step:
+    prefill: bool
+    start: float
+    end: float
+    seqs: list[_Seq]
+
+
+class SimModel:
+    """The simulated engine (see the module docstring)."""
+
+    def __init__(self, config: SimConfig = SimConfig(), vocab: Vocabulary = Vocabulary(49152)) -> None:
+        if config.num_blocks < 1 or config.max_num_seqs < 1 or config.max_prefill_tokens < 1:
+            raise ValueError("num_blocks, max_num_seqs and max_prefill_tokens must be positive")
+        self.config = config
+        self.vocab = vocab
+        self.hasher = BlockHasher(config.block_size, config.hash_seed)
+        self.stats = SimStats()
+        self.pool = BlockPool(config.num_blocks, self.stats)
+        self._seqs: dict[str, _Seq] = {}
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._running: list[_Seq] = []  # admission order: the tail is preempted first
+        self._step: _Step | None = None
+        self._clock = 0.0  # the model has been run up to here
+        self._outbox: list[SimOutput] = []
+
+    # --- public API -------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        c = self.config
+        return EngineInfo(model=c.model, max_model_len=c.max_model_len, block_size=c.block_size,
+                          kv_blocks_total=c.num_blocks, max_num_seqs=c.max_num_seqs)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=len(self._running), waiting=len(self._waiting),
+                          kv_cache_usage=self.pool.usage(), generated_tokens=self.stats.generated_tokens)
+
+    def add_request(self, request: EngineRequest, now: float) -> None:
+        """Queue a request arriving at `now`; ValueError if it can never run."""
+        c = self.config
+        if request.request_id in self._seqs:
+            raise ValueError(f"request {request.request_id!r} is already running")
+        prompt = list(request.prompt_token_ids)
+        if not prompt or request.sampling.max_tokens < 1:
+            raise ValueError("a request needs a prompt and max_tokens >= 1")
+        total = len(prompt) + request.sampling.max_tokens
+        if total > c.max_model_len:
+            raise ValueError(f"prompt + max_tokens = {total} exceeds max_model_len {c.max_model_len}")
+        # Else it could never get its blocks, even alone.
+        if math.ceil(total / c.block_size) > c.num_blocks:
+            raise ValueError(f"{total} tokens need more than the {c.num_blocks} KV blocks")
+        self._run_until(now, inclusive=False)
+        seq = _Seq(request, self.vocab.request_key(request), prompt, self.hasher.hash_blocks(prompt))
+        self._seqs[request.request_id] = seq
+        self._waiting.append(seq)
+        self.stats.prompt_tokens += len(prompt)
+
+    def finish(self, request_id: str, now: float) -> bool:
+        """End a request now (abort, or a stop string seen by the caller): its
+        blocks are freed at once and it produces nothing more. False if unknown
+        or already finished."""
+        self._run_until(now, inclusive=False)
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        if seq.state is _State.WAITING:
+            self._waiting.remove(seq)
+        else:
+            self._running.remove(seq)
+        self._release(seq)
+        return True
+
+    abort = finish
+
+    def advance(self, now: float) -> list[SimOutput]:
+        """Run the model up to `now` (inclusive); the tokens produced since the last call."""
+        self._run_until(now, inclusive=True)
+        out, self._outbox = self._outbox, []
+        return out
+
+    def next_event_time(self) -> float | None:
+        """When `advance` has something to do next; None when idle."""
+        if self._step is not None:
+            return self._step.end
+        if self._waiting or self._running:
+            return self._clock
+        return None
+
+    def cached_blocks(self, token_ids: Sequence[int]) -> int:
+        """How many leading full blocks of `token_ids` are cached now (for tests and scorers)."""
+        return len(self.pool.longest_hit(self.hasher.hash_blocks(token_ids)))
+
+    # --- the event loop ----------------------------------------------------
+
+    def _run_until(self, t: float, inclusive: bool) -> None:
+        # Events at exactly `t` run only when inclusive, so that requests
+        # arriving together at `t` share the step that starts at `t`.
+        def due(when: float) -> bool:
+            return when < t or (inclusive and when <= t)
+
+        while True:
+            if self._step is None:
+                if not (self._waiting or self._running) or not due(self._clock):
+                    break
+                # Work-conserving: a step starts as soon as the last one ends or work arrives.
+                self._step = self._form_step(self._clock)
+                # add_request rejects what could never be admitted into an idle engine.
+                assert self._step is not None, "idle engine with a request it cannot admit"
+            if not due(self._step.end):
+                break
+            step, self._step = self._step, None
+            self._clock = step.end
+            self._complete(step)
+        self._clock = max(self._clock, t)
+
+    def _form_step(self, start: float) -> _Step | None:
+        admitted, uncached = self._admit()
+        if admitted:
+            self.stats.prefill_steps += 1
+            return _Step(True, start, start + self.config.latency.prefill_time(uncached), admitted)
+        if not self._running:
+            return None
+        batch = self._schedule_decode()
+        self.stats.decode_steps += 1
+        return _Step(False, start, start + self.config.latency.decode_time(len(batch)), batch)
+
+    def _admit(self) -> tuple[list[_Seq], int]:
+        c, bs = self.config, self.config.block_size
+        admitted: list[_Seq] = []
+        total_uncached = 0
+        while self._waiting and len(self._running) < c.max_num_seqs:
+            seq = self._waiting[0]
+            n = len(seq.tokens)
+            hit = self.pool.longest_hit(seq.block_hashes[:(n - 1) // bs])
+            new_blocks = math.ceil(n / bs) - len(hit)
+            # Hit blocks that sit in the free queue stop being allocatable once touched.
+            if new_blocks > self.pool.num_free - self.pool.num_unreferenced(hit):
+                break
+            uncached = n - len(hit) * bs
+            if admitted and total_uncached + uncached > c.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            self.pool.touch(hit)
+            seq.blocks = hit + self.pool.allocate(new_blocks)
+            seq.num_cached_blocks = len(hit)
+            seq.state = _State.RUNNING
+            if seq.cached_prompt_tokens is None:
+                seq.cached_prompt_tokens = len(hit) * bs
+                self.stats.cached_prompt_tokens += seq.cached_prompt_tokens
+            self._cache_full_blocks(seq)
+            self._running.append(seq)
+            admitted.append(seq)
+            total_uncached += uncached
+        return admitted, total_uncached
+
+    def _schedule_decode(self) -> list[_Seq]:
+        """Give every running request the block for the token it feeds; preempt if short."""
+        bs = self.config.block_size
+        i = 0
+        while i < len(self._running):
+            seq = self._running[i]
+            need = math.ceil(len(seq.tokens) / bs) - len(seq.blocks)
+            while need > self.pool.num_free and seq.state is _State.RUNNING:
+                self._preempt(self._running[-1])
+            if seq.state is not _State.RUNNING:  # it was the tail itself
+                break
+            seq.blocks += self.pool.allocate(need)
+            self._cache_full_blocks(seq)
+            i += 1
+        return list(self._running)
+
+    def _preempt(self, seq: _Seq) -> None:
+        self._running.remove(seq)
+        self.pool.free(seq.blocks)
+        seq.blocks, seq.num_cached_blocks = [], 0
+        seq.state = _State.WAITING
+        self._waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def _cache_full_blocks(self, seq: _Seq) -> None:
+        # Keyed when scheduled, as vLLM does (its KV is written during this step).
+        bs, upto = self.config.block_size, min(len(seq.block_hashes), len(seq.blocks))
+        for i in range(seq.num_cached_blocks, upto):
+            self.pool.cache(seq.blocks[i], seq.block_hashes[i], seq.block_hashes[i - 1] if i else None,
+                            seq.tokens[i * bs:(i + 1) * bs])
+        seq.num_cached_blocks = max(seq.num_cached_blocks, upto)
+
+    def _complete(self, step: _Step) -> None:
+        for seq in step.seqs:
+            if seq.state is not _State.RUNNING:  # finished or preempted meanwhile
+                continue
+            token, finish = self._sample(seq)
+            seq.tokens.append(token)
+            if len(seq.tokens) % self.config.block_size == 0:
+                parent = seq.block_hashes[-1] if seq.block_hashes else None
+                seq.block_hashes.append(self.hasher.hash_block(parent, seq.tokens[-self.config.block_size:]))
+            self.stats.generated_tokens += 1
+            self._outbox.append(SimOutput(
+                seq.request.request_id, token, step.end, finish, seq.prompt_len,
+                seq.cached_prompt_tokens or 0, seq.num_generated))
+            if finish is not None:
+                self._running.remove(seq)
+                self._release(seq)
+
+    def _sample(self, seq: _Seq) -> tuple[int, FinishReason | None]:
+        s = seq.request.sampling
+        token, eos_draw = self.vocab.draw(seq.key, seq.num_generated)
+        # vLLM's check_stop order: EOS, stop token ids, then length.
+        if (self.config.eos_probability > 0 and not s.ignore_eos and self.vocab.eos_token_id is not None
+                and eos_draw < self.config.eos_probability):
+            return self.vocab.eos_token_id, "stop"
+        if token in s.stop_token_ids:
+            return token, "stop"
+        if seq.num_generated + 1 >= s.max_tokens or len(seq.tokens) + 1 >= self.config.max_model_len:
+            return token, "length"
+        return token, None
+
+    def _release(self, seq: _Seq) -> None:
+        self.pool.free(seq.blocks)
+        seq.blocks = []
+        seq.state = _State.FINISHED
+        del self._seqs[seq.request.request_id]
