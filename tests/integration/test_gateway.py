@@ -227,7 +227,10 @@ async def test_scheduler_down_is_503() -> None:
         health = await client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
         assert_error(await client.get("/v1/models"), 503)
-        assert_error(await client.post("/v1/chat/completions", json=chat_body("m")), 503)
+        down = await client.post("/v1/chat/completions", json=chat_body("m"))
+        assert_error(down, 503)
+        assert "127.0.0.1" not in down.text, "internal addresses must not reach clients"
+        assert down.headers["Retry-After"] == "1"
 
 
 async def test_accepted_openai_variants(gw: httpx.AsyncClient, sim_mesh) -> None:
