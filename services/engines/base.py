@@ -11,13 +11,21 @@ Contract of `Engine.generate`:
   cancelled), the engine aborts the request and frees its KV blocks;
 - `abort(request_id)` ends a running request: its stream yields a last output
   with finish_reason "abort" (or simply ends if it was already being closed).
+
+KV events (`BlockStored`, `BlockRemoved`, `AllBlocksCleared`, after vLLM's
+vllm/distributed/kv_events.py): an engine that caches prefixes reports every
+change to its cache, in the order it happened, to the sink the worker sets
+with `set_kv_event_sink` before `start`. The worker numbers them and serves
+them to the schedulers (services/kv_events.py). Engines call the sink on the
+worker's event loop thread. An engine that reports nothing needs no code: the
+default keeps the sink and never calls it.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -79,8 +87,69 @@ class EngineLoad:
     generated_tokens: int = 0
 
 
+# Where blocks are, in vLLM's words (BlockStored.medium). None: the engine's own
+# cache. The worker maps media to tiers (services/kv_events.tier_of_medium).
+MEDIUM_ENGINE: str | None = None
+MEDIUM_GPU = "GPU"
+MEDIUM_CPU = "CPU"
+MEDIUM_STORAGE = "STORAGE"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockStored:
+    """Full blocks of one sequence became cached.
+
+    `block_hashes` are consecutive blocks in order, as 64-bit ints
+    (scheduler.block_hash.external_block_hash); `parent_block_hash` is the
+    hash of the block before the first (None: the first starts the sequence);
+    `token_ids` holds `block_size` tokens per block, concatenated.
+    The same hash may be stored again while held (vLLM may hold two blocks
+    with one hash): the worker counts references.
+    """
+
+    block_hashes: tuple[int, ...]
+    parent_block_hash: int | None
+    token_ids: tuple[int, ...]
+    block_size: int
+    medium: str | None = MEDIUM_ENGINE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """Blocks were evicted (one event per block holding the hash)."""
+
+    block_hashes: tuple[int, ...]
+    medium: str | None = MEDIUM_ENGINE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AllBlocksCleared:
+    """Every cached block is gone (`medium` None: in every tier)."""
+
+    medium: str | None = None
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+# Receives events in order; must not block (it runs on the event loop).
+KVEventSink = Callable[[Sequence[KVEvent]], None]
+
+
 class Engine(abc.ABC):
     """An inference engine serving one model from token ids."""
+
+    kv_event_sink: KVEventSink | None = None
+
+    def set_kv_event_sink(self, sink: KVEventSink | None) -> None:
+        """Report KV events to `sink` from now on (call before `start`).
+
+        Default: remember it; an engine that caches nothing never calls it.
+        """
+        self.kv_event_sink = sink
+
+    def emit_kv_events(self, events: Sequence[KVEvent]) -> None:
+        """Hand events to the sink, if any (for engine implementations)."""
+        if events and self.kv_event_sink is not None:
+            self.kv_event_sink(events)
 
     @abc.abstractmethod
     async def start(self) -> EngineInfo:

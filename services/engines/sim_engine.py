@@ -18,6 +18,10 @@ Text, per request (`_TextStream`), as vLLM's detokenizer does it:
   stop string split across tokens is never partly sent;
 - a token that stops the request by id (stop_token_ids, EOS) is returned in
   `token_ids` but adds no text.
+
+KV events: the model's BlockPool reports every cache change as it happens
+(sim_model); they go straight to the worker's sink, so a sim worker's event
+stream is what a vLLM worker's would be for the same requests.
 """
 
 from __future__ import annotations
@@ -120,7 +124,8 @@ class SimEngine(Engine):
 
     async def start(self) -> EngineInfo:
         self.tokenizer, vocab = await asyncio.to_thread(load_vocabulary, self.model_dir)
-        self.sim = SimModel(self.config, vocab)
+        # KV events leave the model as it changes, on this loop's thread.
+        self.sim = SimModel(self.config, vocab, on_kv_event=lambda event: self.emit_kv_events((event,)))
         self._driver = asyncio.create_task(self._drive(), name="sim-engine-driver")
         return self.sim.info
 

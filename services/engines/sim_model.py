@@ -28,6 +28,10 @@ KV cache (`BlockPool`, after vllm/v1/core/block_pool.py):
   to the tail of the free queue; a new block is taken from the head (LRU), and
   taking a cached one evicts its hash. A request's blocks are freed tail
   first, so the end of a prompt is evicted before its shared beginning;
+- KV events, as vLLM's BlockPool emits them, go to `on_kv_event` in the
+  order the cache changed: one `BlockStored` per run of newly keyed
+  consecutive blocks of a sequence (hashes as 64-bit ints, parent, tokens),
+  one `BlockRemoved` per evicted block, `AllBlocksCleared` on a reset;
 - when a decode step lacks a block, the most recently admitted request is
   preempted (blocks freed, back to the front of the waiting queue; it resumes
   by prefilling prompt + generated tokens, mostly cache hits).
@@ -46,10 +50,11 @@ import dataclasses
 import enum
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from scheduler.block_hash import DEFAULT_SEED, BlockHasher, sha256_cbor
-from services.engines.base import EngineInfo, EngineLoad, EngineRequest, FinishReason
+from scheduler.block_hash import DEFAULT_SEED, BlockHasher, external_block_hash, sha256_cbor
+from services.engines.base import (AllBlocksCleared, BlockRemoved, BlockStored, EngineInfo, EngineLoad,
+                                   EngineRequest, FinishReason, KVEvent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +163,16 @@ class BlockPool:
     """Ref-counted KV blocks with a hash-keyed prefix cache and an LRU free queue.
 
     Invariants: a block is in `_free` iff its ref count is 0; `_cached[h] == b`
-    iff `_hash[b] == h` (one block per hash: a duplicate stays unkeyed).
+    iff `_hash[b] == h` (one block per hash: a duplicate stays unkeyed); the
+    events sent to `on_kv_event` replayed from empty give exactly the keys of
+    `_cached` (as external ints).
     """
 
-    def __init__(self, num_blocks: int, stats: SimStats) -> None:
+    def __init__(self, num_blocks: int, stats: SimStats, *, block_size: int = 16,
+                 on_kv_event: Callable[[KVEvent], None] | None = None) -> None:
         self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.on_kv_event = on_kv_event
         self._ref = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}
@@ -217,12 +227,54 @@ class BlockPool:
 
     def cache(self, block: int, block_hash: bytes, parent: bytes | None, token_ids: Sequence[int]) -> None:
         """Key a full block by its hash (no-op if that hash is already cached)."""
-        if block_hash in self._cached or self._hash[block] is not None:
+        self.cache_run([block], [block_hash], parent, token_ids)
+
+    def cache_run(self, blocks: Sequence[int], hashes: Sequence[bytes], parent: bytes | None,
+                  token_ids: Sequence[int]) -> None:
+        """Key consecutive full blocks of one sequence; `parent` is the hash
+        before the first, `token_ids` their tokens (block_size each).
+
+        Blocks whose hash is already cached stay unkeyed; each run of newly
+        keyed blocks is announced as one BlockStored, like vLLM's
+        cache_full_blocks.
+        """
+        run_start, prev = -1, parent
+        for i, (block, block_hash) in enumerate(zip(blocks, hashes)):
+            keyed = block_hash not in self._cached and self._hash[block] is None
+            if keyed:
+                self._cached[block_hash] = block
+                self._hash[block] = block_hash
+                self._stats.blocks_stored += 1
+                if run_start < 0:
+                    run_start, run_parent = i, prev
+            elif run_start >= 0:
+                self._stored(hashes[run_start:i], run_parent, token_ids, run_start)
+                run_start = -1
+            prev = block_hash
+        if run_start >= 0:
+            self._stored(hashes[run_start:len(blocks)], run_parent, token_ids, run_start)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash, as vLLM's reset_prefix_cache: only when no
+        block is in use (else False and nothing changes)."""
+        if len(self._free) != self.num_blocks:
+            return False
+        self._cached.clear()
+        self._hash = [None] * self.num_blocks
+        if self.on_kv_event is not None:
+            self.on_kv_event(AllBlocksCleared())
+        return True
+
+    def _stored(self, hashes: Sequence[bytes], parent: bytes | None, token_ids: Sequence[int], first: int) -> None:
+        if self.on_kv_event is None:
             return
-        self._cached[block_hash] = block
-        self._hash[block] = block_hash
-        self._stats.blocks_stored += 1
-        # KV events: emit BlockStored(block_hashes=[block_hash], parent, token_ids, block_size) here.
+        bs = self.block_size
+        self.on_kv_event(BlockStored(
+            block_hashes=tuple(external_block_hash(h) for h in hashes),
+            parent_block_hash=external_block_hash(parent) if parent is not None else None,
+            token_ids=tuple(token_ids[first * bs:(first + len(hashes)) * bs]),
+            block_size=bs,
+        ))
 
     def _evict(self, block: int) -> None:
         block_hash = self._hash[block]
@@ -230,7 +282,8 @@ class BlockPool:
         del self._cached[block_hash]
         self._hash[block] = None
         self._stats.blocks_evicted += 1
-        # KV events: emit BlockRemoved(block_hash) here.
+        if self.on_kv_event is not None:
+            self.on_kv_event(BlockRemoved(block_hashes=(external_block_hash(block_hash),)))
 
 
 class _State(enum.Enum):
@@ -270,14 +323,15 @@ class _Step:
 class SimModel:
     """The simulated engine (see the module docstring)."""
 
-    def __init__(self, config: SimConfig = SimConfig(), vocab: Vocabulary = Vocabulary(49152)) -> None:
+    def __init__(self, config: SimConfig = SimConfig(), vocab: Vocabulary = Vocabulary(49152),
+                 on_kv_event: Callable[[KVEvent], None] | None = None) -> None:
         if config.num_blocks < 1 or config.max_num_seqs < 1 or config.max_prefill_tokens < 1:
             raise ValueError("num_blocks, max_num_seqs and max_prefill_tokens must be positive")
         self.config = config
         self.vocab = vocab
         self.hasher = BlockHasher(config.block_size, config.hash_seed)
         self.stats = SimStats()
-        self.pool = BlockPool(config.num_blocks, self.stats)
+        self.pool = BlockPool(config.num_blocks, self.stats, block_size=config.block_size, on_kv_event=on_kv_event)
         self._seqs: dict[str, _Seq] = {}
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []  # admission order: the tail is preempted first
@@ -347,6 +401,10 @@ class SimModel:
         if self._waiting or self._running:
             return self._clock
         return None
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached hash (AllBlocksCleared); False while any block is in use."""
+        return self.pool.reset_prefix_cache()
 
     def cached_blocks(self, token_ids: Sequence[int]) -> int:
         """How many leading full blocks of `token_ids` are cached now (for tests and scorers)."""
@@ -441,10 +499,10 @@ class SimModel:
 
     def _cache_full_blocks(self, seq: _Seq) -> None:
         # Keyed when scheduled, as vLLM does (its KV is written during this step).
-        bs, upto = self.config.block_size, min(len(seq.block_hashes), len(seq.blocks))
-        for i in range(seq.num_cached_blocks, upto):
-            self.pool.cache(seq.blocks[i], seq.block_hashes[i], seq.block_hashes[i - 1] if i else None,
-                            seq.tokens[i * bs:(i + 1) * bs])
+        bs, first, upto = self.config.block_size, seq.num_cached_blocks, min(len(seq.block_hashes), len(seq.blocks))
+        if first < upto:
+            self.pool.cache_run(seq.blocks[first:upto], seq.block_hashes[first:upto],
+                                seq.block_hashes[first - 1] if first else None, seq.tokens[first * bs:upto * bs])
         seq.num_cached_blocks = max(seq.num_cached_blocks, upto)
 
     def _complete(self, step: _Step) -> None:

@@ -31,7 +31,7 @@ class WorkerStub:
     engine can never disagree on tokens.
 
     Field numbers 10-19 of the request messages are kept for prefill/decode
-    (KV transfer parameters) and RPC names Prefill/WatchKVEvents for later.
+    (KV transfer parameters) and the RPC name Prefill for later.
     """
 
     def __init__(self, channel):
@@ -55,6 +55,11 @@ class WorkerStub:
                 request_serializer=llm__mesh_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=llm__mesh_dot_v1_dot_worker__pb2.WorkerLoad.FromString,
                 _registered_method=True)
+        self.WatchKVEvents = channel.unary_stream(
+                '/llm_mesh.v1.Worker/WatchKVEvents',
+                request_serializer=llm__mesh_dot_v1_dot_worker__pb2.WatchKVEventsRequest.SerializeToString,
+                response_deserializer=llm__mesh_dot_v1_dot_worker__pb2.KVEventBatch.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -63,7 +68,7 @@ class WorkerServicer:
     engine can never disagree on tokens.
 
     Field numbers 10-19 of the request messages are kept for prefill/decode
-    (KV transfer parameters) and RPC names Prefill/WatchKVEvents for later.
+    (KV transfer parameters) and the RPC name Prefill for later.
     """
 
     def Generate(self, request, context):
@@ -88,6 +93,19 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKVEvents(self, request, context):
+        """This worker's KV-cache events (blocks stored, removed, cleared), numbered
+        by a per-process sequence. Every scheduler replica keeps one stream open
+        per worker and applies it to its own block index, so replicas hold the
+        same index without a leader. The stream does not end by itself: it starts
+        with a replay or a snapshot (see WatchKVEventsRequest), then sends deltas
+        as they happen and an empty delta as a heartbeat when idle. It ends when
+        the worker shuts down; the subscriber then resumes or resyncs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +124,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=llm__mesh_dot_v1_dot_worker__pb2.GetLoadRequest.FromString,
                     response_serializer=llm__mesh_dot_v1_dot_worker__pb2.WorkerLoad.SerializeToString,
             ),
+            'WatchKVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKVEvents,
+                    request_deserializer=llm__mesh_dot_v1_dot_worker__pb2.WatchKVEventsRequest.FromString,
+                    response_serializer=llm__mesh_dot_v1_dot_worker__pb2.KVEventBatch.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'llm_mesh.v1.Worker', rpc_method_handlers)
@@ -120,7 +143,7 @@ class Worker:
     engine can never disagree on tokens.
 
     Field numbers 10-19 of the request messages are kept for prefill/decode
-    (KV transfer parameters) and RPC names Prefill/WatchKVEvents for later.
+    (KV transfer parameters) and the RPC name Prefill for later.
     """
 
     @staticmethod
@@ -194,6 +217,33 @@ class Worker:
             '/llm_mesh.v1.Worker/GetLoad',
             llm__mesh_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
             llm__mesh_dot_v1_dot_worker__pb2.WorkerLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llm_mesh.v1.Worker/WatchKVEvents',
+            llm__mesh_dot_v1_dot_worker__pb2.WatchKVEventsRequest.SerializeToString,
+            llm__mesh_dot_v1_dot_worker__pb2.KVEventBatch.FromString,
             options,
             channel_credentials,
             insecure,
