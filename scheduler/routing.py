@@ -1,75 +1,38 @@
-"""Least-loaded routing (the baseline; KV-aware scoring plugs in beside it).
+"""Compatibility shim for the services written before the framework (scheduler.framework).
 
-A worker's load, as one scheduler replica sees it:
-
-    load = max(inflight, reported_running + reported_waiting) / max_num_seqs
-
-`inflight` is what this replica has sent and not seen finish (exact, instant);
-`reported_*` is the worker's own count from its last GetLoad poll (covers the
-other replicas' requests, but is up to one poll interval old). Taking the max
-avoids double counting our own requests while still seeing the others'.
-Ties go to the worker that was picked least recently, so equal workers share
-load round-robin instead of the first one taking every burst.
+`WorkerState` now lives in scheduler.framework; `LeastLoaded` is the
+`least-loaded` policy behind the old `pick(workers, model)` / `score(...)`
+calls. New code: `scheduler.policies.policy_by_name(name).decide(...)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from scheduler.framework import RequestView, WorkerScore, WorkerState
+from scheduler.index import BlockIndex
+from scheduler.policies import policy_by_name
 
+Score = WorkerScore
 
-@dataclasses.dataclass
-class WorkerState:
-    """What routing needs to know about one worker."""
-
-    worker_id: str
-    model: str
-    max_num_seqs: int
-    routable: bool = True
-    inflight: int = 0
-    reported_running: int = 0
-    reported_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    last_picked: int = 0  # pick sequence number; 0 = never
-
-    @property
-    def load(self) -> float:
-        busy = max(self.inflight, self.reported_running + self.reported_waiting)
-        return busy / max(1, self.max_num_seqs)
-
-
-@dataclasses.dataclass(frozen=True)
-class Score:
-    worker_id: str
-    score: float  # higher is better
-    components: dict[str, float]
-    filtered_reason: str = ""
+__all__ = ["LeastLoaded", "Score", "WorkerState"]
 
 
 class LeastLoaded:
-    """Pick the eligible worker with the lowest load."""
+    """Pick the eligible worker with the lowest load (busy / max_num_seqs); ties take turns."""
 
     name = "least-loaded"
 
     def __init__(self) -> None:
-        self._picks = 0
+        self._policy = policy_by_name("least-loaded")
+        self._index = BlockIndex(max_blocks=2)
 
-    def score(self, workers: list[WorkerState], model: str) -> list[Score]:
-        scores = []
-        for w in workers:
-            reason = "" if w.routable else "not routable"
-            if not reason and w.model != model:
-                reason = f"serves {w.model}"
-            scores.append(Score(w.worker_id, -w.load, {"load": w.load}, reason))
-        return scores
+    def score(self, workers: list[WorkerState], model: str) -> list[WorkerScore]:
+        return self._policy.decide(_request(model), workers, self._index, dry_run=True).worker_scores()
 
     def pick(self, workers: list[WorkerState], model: str) -> WorkerState | None:
         """The chosen worker (recorded as picked), or None when none is eligible."""
-        by_id = {w.worker_id: w for w in workers}
-        eligible = [s for s in self.score(workers, model) if not s.filtered_reason]
-        if not eligible:
-            return None
-        best = max(eligible, key=lambda s: (s.score, -by_id[s.worker_id].last_picked))
-        chosen = by_id[best.worker_id]
-        self._picks += 1
-        chosen.last_picked = self._picks
-        return chosen
+        decision = self._policy.decide(_request(model), workers, self._index)
+        return next((w for w in workers if w.worker_id == decision.worker_id), None)
+
+
+def _request(model: str) -> RequestView:
+    return RequestView(model=model, prompt_tokens=0, block_hashes=(), block_size=16)

@@ -2,8 +2,12 @@
 
 Lifecycle: bind the port and answer health NOT_SERVING → load the engine →
 SERVING and register in etcd → on SIGTERM/SIGINT: NOT_SERVING, revoke the lease
-(schedulers stop routing here at once), let in-flight calls finish for
-`--drain-seconds`, stop the engine.
+(schedulers stop routing here at once), end the KV event streams, let in-flight
+calls finish for `--drain-seconds`, stop the engine.
+
+KV events: the engine's cache changes go to a `KVEventLog` (services/
+kv_event_log.py) from the moment the engine starts; `WatchKVEvents` serves it
+to every scheduler replica (replay from a seq, or a snapshot, then deltas).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from llm_mesh.v1 import membership_pb2, sampling_pb2, worker_pb2, worker_pb2_grp
 from services import __version__
 from services.engines.base import Engine, EngineInfo, EngineRequest, SamplingOptions
 from services.grpc_util import RpcError, abort, invalid, make_server, set_serving, stop_event_on_signals
+from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, KVEventLog
 from services.membership import DEFAULT_TTL_S, Registration, parse_endpoints
 
 log = logging.getLogger(__name__)
@@ -53,12 +58,17 @@ def sampling_options(params: sampling_pb2.SamplingParams) -> SamplingOptions:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Runs requests on the engine and keeps lifetime counters for GetLoad."""
+    """Runs requests on the engine, keeps lifetime counters for GetLoad, and
+    serves the engine's KV events (it installs the log as the engine's sink)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, kv_log: KVEventLog | None = None,
+                 heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> None:
         self.engine = engine
         self.info: EngineInfo | None = None  # set once the engine is loaded
         self.counters = worker_pb2.WorkerLoad()
+        self.kv_log = kv_log if kv_log is not None else KVEventLog()
+        self.heartbeat_s = heartbeat_s
+        engine.set_kv_event_sink(self.kv_log.append)
 
     async def Generate(
         self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
@@ -116,6 +126,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
         return worker_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
 
+    async def WatchKVEvents(self, request: worker_pb2.WatchKVEventsRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.KVEventBatch]:
+        async for batch in self.kv_log.watch(request, self.heartbeat_s):
+            yield batch
+
     async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> worker_pb2.WorkerLoad:
         load = worker_pb2.WorkerLoad()
         load.CopyFrom(self.counters)
@@ -161,6 +176,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM CPU KV cache size")
     parser.add_argument("--cpu-cores", default="auto",
                         help="vLLM OMP core binding (VLLM_CPU_OMP_THREADS_BIND), e.g. 0 or 1 or 0-1")
+    parser.add_argument("--kv-events-buffer", type=int, default=DEFAULT_CAPACITY,
+                        help="KV events kept for replay; a scheduler further behind gets a snapshot")
+    parser.add_argument("--kv-events-token-ids", action="store_true",
+                        help="keep stored blocks' token ids for subscribers that ask (memory: the replay "
+                             "buffer then holds every prompt token)")
+    parser.add_argument("--kv-events-heartbeat", type=float, default=DEFAULT_HEARTBEAT_S,
+                        help="seconds between heartbeats on an idle KV event stream")
     add_sim_arguments(parser)
     parser.set_defaults(model_dir_default=default_model_dir)
 
@@ -174,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(args: argparse.Namespace) -> None:
     engine = build_engine(args)
-    servicer = WorkerServicer(engine)
+    kv_log = KVEventLog(args.kv_events_buffer, keep_token_ids=args.kv_events_token_ids)
+    servicer = WorkerServicer(engine, kv_log, args.kv_events_heartbeat)
     server, health, port = make_server(f"{args.host}:{args.port}", [SERVICE_NAME])
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     await server.start()
@@ -183,6 +206,7 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("worker %s loading %s engine", member_id, args.engine)
     try:
         servicer.info = info = await engine.start()
+        servicer.kv_log.block_size = info.block_size
         member = membership_pb2.Member(
             id=member_id, kind=membership_pb2.MEMBER_KIND_WORKER, address=f"{args.host}:{port}",
             started_at=int(time.time()), version=__version__,
@@ -198,7 +222,10 @@ async def serve(args: argparse.Namespace) -> None:
             await stop.wait()
             await set_serving(health, [SERVICE_NAME], False)
         log.info("worker %s left the mesh; draining", member_id)
+        # Event streams never end by themselves: they must not hold up the drain.
+        servicer.kv_log.close()
         await server.stop(grace=args.drain_seconds)
     finally:
+        servicer.kv_log.close()
         await server.stop(grace=None)
         await engine.stop()

@@ -83,3 +83,141 @@ def summarize(results: list[RequestResult], slo_ttft_s: float, duration_s: float
         "imbalance": max(loads) / max(1e-9, statistics.fmean(loads)),
         "slo_attainment": sum(t <= slo_ttft_s for t in ttft) / max(1, len(results)),
     }
+
+
+class _Hasher:
+    """Prompt → external block hashes, memoized by chunk-id prefix: the trace's
+    shared prefixes are hashed once, not once per request and policy."""
+
+    def __init__(self, block_size: int, chunk: int) -> None:
+        assert chunk % block_size == 0, "a trace chunk must hold whole KV blocks"
+        self.hasher = BlockHasher(block_size)
+        self.per_chunk = chunk // block_size
+        self.block_size = block_size
+        self._memo: dict[tuple[int, ...], tuple[bytes, list[int]]] = {}
+
+    def hashes(self, request: WorkloadRequest, tokens: list[int]) -> list[int]:
+        full = len(tokens) // self.block_size
+        out: list[int] = []
+        parent: bytes | None = None
+        chunk_len = self.per_chunk * self.block_size
+        for k, _ in enumerate(request.chunk_ids):
+            start = k * self.per_chunk
+            if start >= full:
+                break
+            blocks = min(self.per_chunk, full - start)
+            key = request.chunk_ids[: k + 1] if blocks == self.per_chunk else None
+            if key is not None and key in self._memo:
+                parent, ints = self._memo[key]
+            else:
+                piece = tokens[k * chunk_len: k * chunk_len + blocks * self.block_size]
+                raw = self.hasher.hash_blocks(piece, parent)
+                parent, ints = raw[-1], [external_block_hash(h) for h in raw]
+                if key is not None:
+                    self._memo[key] = (parent, ints)
+            out.extend(ints)
+        if len(out) < full:  # padding past the trace's chunks: unique, not memoized
+            tail = tokens[len(out) * self.block_size: full * self.block_size]
+            out.extend(external_block_hash(h) for h in self.hasher.hash_blocks(tail, parent))
+        return out
+
+
+@dataclasses.dataclass
+class _Live:
+    result: RequestResult
+    ticket: object  # scheduler.framework.Ticket
+    dispatched_s: float
+
+
+def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, model: str = "bench",
+             chunk: int = 512, slo_ttft_s: float = 2.0, hasher: _Hasher | None = None) -> dict:
+    """Replay `requests` through `policy` on `spec.workers` simulated engines; returns the summary."""
+    from scheduler.framework import RequestView, WorkerState
+    from scheduler.index import BlockIndex
+
+    index = BlockIndex()
+    hasher = hasher or _Hasher(spec.block_size, chunk)
+    config = SimConfig(model=model, block_size=spec.block_size, num_blocks=spec.num_blocks,
+                       max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
+                       max_prefill_tokens=spec.max_model_len, latency=spec.latency)
+    engines: dict[str, SimModel] = {}
+    states: dict[str, WorkerState] = {}
+    for i in range(spec.workers):
+        worker_id = f"w{i:02d}"
+        engines[worker_id] = SimModel(config, Vocabulary(49_152))
+        connect_index(engines[worker_id], worker_id, model, index)
+        states[worker_id] = WorkerState(worker_id=worker_id, model=model, max_num_seqs=spec.max_num_seqs,
+                                        block_size=spec.block_size, kv_blocks_total=spec.num_blocks)
+    live: dict[str, _Live] = {}
+    results: list[RequestResult] = []
+    pending = sorted(requests, key=lambda r: r.arrival_s)
+    engine_events: list[tuple[float, str]] = []  # (next event time, worker) — lazily invalidated
+    next_at: dict[str, float | None] = {w: None for w in engines}
+
+    def schedule(worker_id: str) -> None:
+        t = engines[worker_id].next_event_time()
+        next_at[worker_id] = t
+        if t is not None:
+            heapq.heappush(engine_events, (t, worker_id))
+
+    def run_engine(worker_id: str, now: float) -> None:
+        for out in engines[worker_id].advance(now):
+            entry = live.get(out.request_id)
+            if entry is None:
+                continue
+            r = entry.result
+            if r.first_token_s is None:
+                r.first_token_s = out.time
+                r.cached_tokens = out.cached_prompt_tokens
+                entry.ticket.first_token(out.time - entry.dispatched_s)
+            if out.finish_reason is not None:
+                r.finish_s = out.time
+                entry.ticket.finish(out.time - entry.dispatched_s)
+                del live[out.request_id]
+        state, load = states[worker_id], engines[worker_id].load()
+        state.reported_running, state.reported_waiting, state.kv_cache_usage = (
+            load.running, load.waiting, load.kv_cache_usage)
+        schedule(worker_id)
+
+    i = 0
+    now = 0.0
+    while i < len(pending) or engine_events:
+        arrival = pending[i].arrival_s if i < len(pending) else math.inf
+        while engine_events and engine_events[0][0] <= arrival:
+            t, worker_id = heapq.heappop(engine_events)
+            if next_at[worker_id] != t:
+                continue  # superseded
+            now = t
+            run_engine(worker_id, now)
+        if i >= len(pending):
+            continue
+        now = arrival
+        request = pending[i]
+        i += 1
+        for worker_id in engines:  # bring every engine (and the index) up to `now`
+            if next_at[worker_id] is not None and next_at[worker_id] <= now:
+                run_engine(worker_id, now)
+        tokens = prompt_tokens(request, chunk)
+        view = RequestView(model=model, prompt_tokens=len(tokens), block_hashes=hasher.hashes(request, tokens),
+                           block_size=spec.block_size, session_id=request.session_id, request_id=f"r{i}",
+                           max_tokens=request.output_tokens, now=now)
+        decision = policy.decide(view, list(states.values()), index)
+        worker_id = decision.worker_id
+        if worker_id is None:  # rejected (e.g. an SLO-aware policy): counts as a miss
+            results.append(RequestResult(request.arrival_s, "", request.input_tokens, request.output_tokens))
+            continue
+        result = RequestResult(request.arrival_s, worker_id, request.input_tokens, request.output_tokens)
+        results.append(result)
+        ticket = states[worker_id].start(decision.prefill_tokens if decision.prefill_tokens is not None
+                                         else len(tokens), decision.request_blocks)
+        live[view.request_id] = _Live(result, ticket, now)
+        engines[worker_id].add_request(EngineRequest(view.request_id, tokens, SamplingOptions(
+            max_tokens=request.output_tokens, temperature=0, ignore_eos=True)), now)
+        schedule(worker_id)
+    duration = max((r.finish_s or 0.0) for r in results) - min(r.arrival_s for r in results) if results else 0.0
+    return summarize(results, slo_ttft_s, duration) | {"ttfts": sorted(r.ttft for r in results)}
+
+
+def connect_index(engine: SimModel, worker_id: str, model: str, index) -> None:
+    """Feed the engine's KV events into the index, as the live mesh's event stream does."""
+    raise NotImplementedError("wired once the sim engine emits KV events")

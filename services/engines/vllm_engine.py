@@ -7,24 +7,42 @@ explicit OMP core binding so two engines on one host don't thrash.
 Prefix caching is on with `sha256_cbor` hashing and vLLM's fixed default seed,
 so block hashes are process-independent and the scheduler can compute the same
 hashes from token ids (scheduler/block_hash.py).
+
+KV events: vLLM's engine core publishes them over ZMQ (PUB bound on an ipc://
+socket in a private temp dir, plus its replay ROUTER); `ZmqKVEvents`
+subscribes in this process, decodes frames `[topic, seq u64 BE, msgpack
+[ts, [events], dp_rank]]`, fills sequence gaps from the replay socket and
+hands the events, in order, to the worker's sink. A gap the replay buffer can
+no longer fill is reported as AllBlocksCleared: the schedulers then forget
+this worker's blocks (a missed hit) rather than keep blocks it may have
+evicted (a wrong route).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 
+import msgspec
+import zmq
+import zmq.asyncio
 from vllm import SamplingParams
+from vllm.config.kv_events import KVEventsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from services.engines.base import Engine, EngineInfo, EngineLoad, EngineOutput, EngineRequest
+from scheduler.block_hash import external_block_hash
+from services.engines.base import (AllBlocksCleared, BlockRemoved, BlockStored, Engine, EngineInfo, EngineLoad,
+                                   EngineOutput, EngineRequest, KVEvent, KVEventSink)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +60,8 @@ class VllmSettings:
     cpu_cores: str = "auto"
     seed: int = 0
     enforce_eager: bool = True
+    # Publish KV events (to the worker's sink) through vLLM's ZMQ publisher.
+    kv_events: bool = True
 
 
 class VllmEngine(Engine):
@@ -50,6 +70,7 @@ class VllmEngine(Engine):
         self._engine: AsyncLLM | None = None
         self._stats = _LatestStats()
         self._running: set[str] = set()
+        self._kv_events: ZmqKVEvents | None = None
 
     async def start(self) -> EngineInfo:
         s = self.settings
@@ -72,6 +93,7 @@ class VllmEngine(Engine):
             prefix_caching_hash_algo="sha256_cbor",
             seed=s.seed,
             disable_log_stats=False,
+            kv_events_config=self._kv_events_config(),
         )
         stats = self._stats
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda cfg, idx: _StatsRecorder(stats)])
@@ -83,8 +105,19 @@ class VllmEngine(Engine):
             kv_blocks_total=config.cache_config.num_gpu_blocks or 0,
             max_num_seqs=config.scheduler_config.max_num_seqs,
         )
+        if self._kv_events is not None:
+            self._kv_events.start()
         log.info("vLLM engine ready: %s", info)
         return info
+
+    def _kv_events_config(self) -> KVEventsConfig | None:
+        if not self.settings.kv_events:
+            return None
+        # ipc:// in a private directory: vLLM binds it (a tcp://host endpoint
+        # would make its PUB connect), and no port can collide.
+        self._kv_events = ZmqKVEvents(tempfile.mkdtemp(prefix="llm-mesh-kv-"), self.emit_kv_events)
+        return KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=self._kv_events.endpoint,
+                              replay_endpoint=self._kv_events.replay_endpoint, topic=ZmqKVEvents.TOPIC)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         sp = request.sampling
@@ -140,9 +173,181 @@ class VllmEngine(Engine):
         )
 
     async def stop(self) -> None:
+        if self._kv_events is not None:
+            await self._kv_events.stop()
+            self._kv_events = None
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+
+
+# --- KV events from vLLM's ZMQ publisher -----------------------------------------
+# Our own decoding structs (not vLLM's classes): fields we don't read are
+# ignored, so a newer vLLM that adds fields still decodes.
+
+
+class _Stored(msgspec.Struct, tag="BlockStored"):
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None = None
+    token_ids: list[int] = []
+    block_size: int = 0
+    medium: str | None = None
+
+
+class _Removed(msgspec.Struct, tag="BlockRemoved"):
+    block_hashes: list[int | bytes]
+    medium: str | None = None
+
+
+class _Cleared(msgspec.Struct, tag="AllBlocksCleared"):
+    pass
+
+
+class _Batch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[msgspec.Raw]
+    data_parallel_rank: int | None = None
+
+
+_BATCH = msgspec.msgpack.Decoder(_Batch)
+_EVENT = msgspec.msgpack.Decoder(_Stored | _Removed | _Cleared)
+
+
+def _hash(h: int | bytes) -> int:
+    # VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1 (default) sends the int already; else the bytes.
+    return h if isinstance(h, int) else external_block_hash(h)
+
+
+def decode_kv_event_batch(payload: bytes) -> list[KVEvent]:
+    """The engine events in one publisher payload (msgpack [ts, [events], dp_rank]).
+
+    An event type this decoder does not know is skipped with a warning.
+    """
+    events: list[KVEvent] = []
+    for raw in _BATCH.decode(payload).events:
+        try:
+            e = _EVENT.decode(raw)
+        except msgspec.ValidationError as exc:
+            log.warning("skipping a KV event this build cannot read: %s", exc)
+            continue
+        if isinstance(e, _Stored):
+            events.append(BlockStored(
+                block_hashes=tuple(_hash(h) for h in e.block_hashes),
+                parent_block_hash=_hash(e.parent_block_hash) if e.parent_block_hash is not None else None,
+                token_ids=tuple(e.token_ids), block_size=e.block_size, medium=e.medium))
+        elif isinstance(e, _Removed):
+            events.append(BlockRemoved(block_hashes=tuple(_hash(h) for h in e.block_hashes), medium=e.medium))
+        else:
+            events.append(AllBlocksCleared())
+    return events
+
+
+class ZmqKVEvents:
+    """Subscribes to vLLM's KV event publisher and feeds a sink, in order, without gaps.
+
+    vLLM numbers publisher messages 0, 1, 2…; a SUB socket may miss some (it
+    connects after the publisher started; a full queue drops). A message
+    after a gap triggers a replay request (DEALER → the publisher's ROUTER:
+    `[b"", start seq]`, answered by `[b"", topic, seq, payload]`… and an
+    end marker of seq -1). What the replay cannot fill becomes
+    AllBlocksCleared (see the module docstring).
+    """
+
+    TOPIC = "kv-events"
+    REPLAY_TIMEOUT_S = 2.0
+    _END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+    def __init__(self, directory: str, sink: KVEventSink) -> None:
+        self.directory = directory
+        self.endpoint = f"ipc://{directory}/events"
+        self.replay_endpoint = f"ipc://{directory}/replay"
+        self.sink = sink
+        self.expected = 0  # next publisher seq
+        self.lost = 0  # publisher messages neither received nor replayed
+        self._ctx = zmq.asyncio.Context()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="vllm-kv-events")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._ctx.destroy(linger=0)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    async def _run(self) -> None:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.SUBSCRIBE, self.TOPIC.encode())
+        sub.connect(self.endpoint)
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                if len(frames) != 3:
+                    log.warning("ignoring a KV event message of %d frames", len(frames))
+                    continue
+                await self.receive(int.from_bytes(frames[1], "big"), frames[2])
+        except Exception:
+            log.exception("the vLLM KV event reader failed; this worker's events stop here")
+            raise
+        finally:
+            sub.close(linger=0)
+
+    async def receive(self, seq: int, payload: bytes) -> None:
+        """Handle publisher message `seq` (filling the gap before it first)."""
+        if seq < self.expected:
+            return  # already delivered (by a replay)
+        if seq > self.expected:
+            for replayed_seq, replayed in await self._replay(self.expected, seq):
+                if replayed_seq >= self.expected:
+                    self._skip_to(replayed_seq)
+                    self._deliver(replayed)
+                    self.expected = replayed_seq + 1
+            self._skip_to(seq)
+        self._deliver(payload)
+        self.expected = seq + 1
+
+    def _skip_to(self, seq: int) -> None:
+        """Messages expected..seq-1 are gone for good: clear, so no evicted block stays announced."""
+        if seq > self.expected:
+            self.lost += seq - self.expected
+            log.warning("lost vLLM KV events %d..%d (not in the replay buffer): clearing this worker's "
+                        "announced blocks", self.expected, seq - 1)
+            self.sink([AllBlocksCleared()])
+            self.expected = seq
+
+    def _deliver(self, payload: bytes) -> None:
+        try:
+            events = decode_kv_event_batch(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("undecodable KV event batch (%s): clearing this worker's announced blocks", exc)
+            events = [AllBlocksCleared()]
+        if events:
+            self.sink(events)
+
+    async def _replay(self, start: int, stop: int) -> list[tuple[int, bytes]]:
+        """Publisher messages [start, stop) still in its replay buffer, in order."""
+        out: list[tuple[int, bytes]] = []
+        sock = self._ctx.socket(zmq.DEALER)
+        try:
+            sock.connect(self.replay_endpoint)
+            await sock.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                if not await sock.poll(self.REPLAY_TIMEOUT_S * 1000):
+                    log.warning("KV event replay timed out")
+                    break
+                frames = await sock.recv_multipart()
+                if len(frames) != 4 or frames[2] == self._END_SEQ:
+                    break
+                seq = int.from_bytes(frames[2], "big")
+                if start <= seq < stop:
+                    out.append((seq, frames[3]))
+        finally:
+            sock.close(linger=0)
+        return out
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -1,0 +1,52 @@
+"""Filters: hard constraints a worker must meet before it is scored.
+
+Each returns the reason a worker is rejected (shown by Explain) or None.
+- `model`: the worker serves the request's model.
+- `routable`: the worker accepts new requests (not draining).
+- `role`: the worker's role is allowed (params `allowed`: list of prefill/decode/both;
+  default [both, decode]: an aggregated request may run on a decode worker, which
+  prefills locally, but never on a prefill-only worker). `RequestView.roles` overrides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from scheduler.framework import RequestView, Role, WorkerState
+
+
+class ModelFilter:
+    name = "model"
+
+    def reject(self, request: RequestView, worker: WorkerState) -> str | None:
+        return None if worker.model == request.model else f"serves {worker.model}"
+
+
+class RoutableFilter:
+    name = "routable"
+
+    def reject(self, request: RequestView, worker: WorkerState) -> str | None:
+        return None if worker.routable else "not routable"
+
+
+class RoleFilter:
+    name = "role"
+
+    def __init__(self, allowed: Iterable[str] = ("both", "decode")) -> None:
+        roles = []
+        for r in allowed:
+            try:
+                roles.append(Role[str(r).upper()])
+            except KeyError:
+                raise ValueError(f"unknown role {r!r}; use prefill, decode or both") from None
+        self.allowed = frozenset(roles)
+
+    def reject(self, request: RequestView, worker: WorkerState) -> str | None:
+        allowed = request.roles if request.roles is not None else self.allowed
+        role = Role.BOTH if worker.role == Role.UNSPECIFIED else worker.role  # records from before roles
+        return None if role in allowed else f"role {role.name.lower()} not allowed"
+
+
+FILTERS: dict[str, Any] = {"model": ModelFilter, "routable": RoutableFilter, "role": RoleFilter}
+DEFAULT_FILTERS = ("model", "routable", "role")

@@ -1,0 +1,104 @@
+"""Speculative prefixes: what this replica just routed, until the workers' KV events catch up.
+
+A worker announces a prompt's blocks only once it has prefilled them, which
+under load is seconds after the request was routed. Meanwhile a burst of
+requests sharing that prefix would look uncached everywhere and be spread
+over several workers, each recomputing it. So the policy records each routed
+request's blocks here for its worker, and scoring takes, per worker, the
+longer of the index's run and this one (counted as engine-tier blocks).
+
+Layout, chosen so recording and matching cost a few microseconds even for
+3,000-block prompts:
+- block hash → (worker, routed at), last writer wins, written with one
+  C-level `dict.update` per request;
+- only every `stride`-th block position (and the prompt's last block) is
+  recorded and looked up. Hashes are chained, so "block i was routed to w"
+  implies w was sent blocks 0..i: a worker's run is 1 + the last sampled
+  position it owns before the first unknown one. The price is granularity:
+  a run is under-counted by fewer than `stride` blocks; a worker that lost a
+  block to a later writer loses part of its speculative credit;
+- two generations per model, like the index: when the young one reaches
+  `max_blocks // 2` entries the old one is dropped (released a little per
+  record, never all at once).
+Entries count for `ttl_s` after routing (by `RequestView.now`; with no clock
+only the size bound applies).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from scheduler.framework import RequestView
+
+
+class SpeculativePrefixes:
+    def __init__(self, ttl_s: float = 20.0, max_blocks: int = 131_072, stride: int = 4) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        if max_blocks < 2 or stride < 1:
+            raise ValueError(f"need max_blocks >= 2 and stride >= 1, got {max_blocks}, {stride}")
+        self.ttl_s = ttl_s
+        self.stride = stride
+        self._cap = max_blocks // 2
+        self._young: dict[str, dict[int, tuple[str, float]]] = {}
+        self._old: dict[str, dict[int, tuple[str, float]]] = {}
+        self._young_len = 0
+        self._graveyard: list[dict[int, tuple[str, float]]] = []
+
+    def _positions(self, n: int) -> list[int]:
+        pos = list(range(self.stride - 1, n, self.stride))
+        if n and (not pos or pos[-1] != n - 1):
+            pos.append(n - 1)
+        return pos
+
+    def match(self, request: RequestView) -> dict[str, int]:
+        """Worker id → leading blocks of this prompt it was recently sent (a multiple of stride, or all)."""
+        hashes = request.block_hashes
+        young, old = self._young.get(request.model), self._old.get(request.model)
+        if not hashes or (not young and not old):
+            return {}
+        cutoff = -math.inf if request.now is None else request.now - self.ttl_s
+        yget, oget = (young or {}).get, (old or {}).get
+        run: dict[str, int] = {}
+        for i in self._positions(len(hashes)):
+            h = hashes[i]
+            v = yget(h) or oget(h)
+            if v is None or v[1] < cutoff:
+                break
+            run[v[0]] = i + 1
+        return run
+
+    def record(self, request: RequestView, worker_id: str) -> None:
+        hashes = request.block_hashes
+        if not hashes:
+            return
+        if self._young_len >= self._cap:
+            self._graveyard.extend(t for t in self._old.values() if t)
+            self._old, self._young, self._young_len = self._young, {}, 0
+        table = self._young.setdefault(request.model, {})
+        stamp = (worker_id, -math.inf if request.now is None else request.now)  # one tuple for all blocks
+        before = len(table)
+        table.update(zip([hashes[i] for i in self._positions(len(hashes))], itertools.repeat(stamp)))
+        self._young_len += len(table) - before
+        self._reap(len(table) - before + 16)
+
+    def forget_worker(self, worker_id: str) -> None:
+        for gen in (self._young, self._old):
+            for model, table in gen.items():
+                gen[model] = {h: v for h, v in table.items() if v[0] != worker_id}
+        self._young_len = sum(len(t) for t in self._young.values())
+
+    def __len__(self) -> int:
+        return sum(len(t) for gen in (self._young, self._old) for t in gen.values())
+
+    def _reap(self, budget: int) -> None:
+        grave = self._graveyard
+        while grave and budget > 0:
+            table = grave[-1]
+            pop, n = table.popitem, min(budget, len(table))
+            for _ in range(n):
+                pop()
+            budget -= n + 1
+            if not table:
+                grave.pop()
