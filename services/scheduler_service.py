@@ -1,7 +1,7 @@
 """`llm-mesh scheduler`: the public `Inference` API and the `Scheduler` admin API.
 
 Per request: validate and tokenize once (services.requests), pick a worker
-(scheduler.routing), stream Worker.Generate back. The client's deadline becomes
+(scheduler.policies over the KV block index), stream Worker.Generate back. The client's deadline becomes
 the worker call's deadline; a client that goes away cancels the worker call,
 which aborts the engine request.
 """
@@ -22,9 +22,13 @@ import grpc
 from llm_mesh.v1 import (
     inference_pb2, inference_pb2_grpc, membership_pb2, sampling_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2,
 )
-from scheduler.routing import LeastLoaded
+from scheduler.framework import Decision, Policy, RequestView
+from scheduler.index import BlockIndex
+from scheduler.policies import POLICY_NAMES, policy_by_name
+from scheduler.profile import load_profile
 from services import __version__
 from services.grpc_util import RpcError, abort, make_server, set_serving, stop_event_on_signals
+from services.kv_events import KVEventSubscriber
 from services.membership import DEFAULT_TTL_S, Registration, parse_endpoints
 from services.openai_format import chat_chunks, chat_completion, completion, completion_chunks
 from services.requests import PreparedRequest, from_chat, from_completion, prepare, DEFAULT_COMPLETION_MAX_TOKENS
@@ -40,22 +44,49 @@ SERVICE_NAMES = [
 
 
 class Router:
-    """Holds the tokenizers, the worker pool and the routing policy; runs requests."""
+    """Holds the tokenizers, the worker pool, the KV block index and the routing
+    policy; runs requests.
 
-    def __init__(self, pool: WorkerPool, tokenizers: dict[str, ModelTokenizer]) -> None:
+    The index is fed by every worker's KV event stream (services.kv_events), so
+    each scheduler replica holds the same view without talking to the others.
+    """
+
+    def __init__(self, pool: WorkerPool, tokenizers: dict[str, ModelTokenizer], policy: Policy) -> None:
         self.pool = pool
         self.tokenizers = tokenizers
-        self.policy = LeastLoaded()
+        self.policy = policy
+        self.index = BlockIndex()
+        self.kv_events = KVEventSubscriber(pool.directory, self.index)
+
+    async def start(self) -> None:
+        await self.pool.start()
+        await self.kv_events.start()
+
+    async def stop(self) -> None:
+        await self.kv_events.stop()
+        await self.pool.stop()
 
     def prepare(self, request: inference_pb2.GenerateRequest, default_max_tokens: int | None = None) -> PreparedRequest:
         return prepare(request, self.pool.models(), self.tokenizers, default_max_tokens)
 
+    def decide(self, prepared: PreparedRequest, dry_run: bool = False) -> Decision:
+        """Hash the prompt as the engines do and let the policy pick a worker."""
+        block_size = self.pool.block_size(prepared.model) or 16
+        view = RequestView.from_tokens(
+            prepared.model, prepared.prompt_token_ids, block_size, session_id=prepared.session_id,
+            request_id=prepared.request_id, max_tokens=prepared.sampling.max_tokens, now=time.monotonic())
+        return self.policy.decide(view, self.pool.states(), self.index, dry_run=dry_run)
+
     async def run(self, prepared: PreparedRequest, context: grpc.aio.ServicerContext
                   ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        chosen = self.policy.pick(self.pool.states(), prepared.model)
-        if chosen is None:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no live worker serves {prepared.model!r}", retry_after_s=1.0)
-        worker = self.pool.workers[chosen.worker_id]
+        decision = self.decide(prepared)
+        worker = self.pool.workers.get(decision.worker_id) if decision.worker_id else None
+        if worker is None:
+            reason = decision.reason or f"no live worker serves {prepared.model!r}"
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, reason, retry_after_s=1.0)
+        # No await between decide and start: the next decision must see this one.
+        ticket = worker.state.start(decision.prefill_tokens, decision.request_blocks)
+        dispatched = time.monotonic()
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=f"{prepared.request_id}-{secrets.token_hex(4)}",
             prompt_token_ids=prepared.prompt_token_ids,
@@ -63,8 +94,7 @@ class Router:
             model=prepared.model,
         )
         call = worker.stub.Generate(worker_request, timeout=context.time_remaining())
-        chosen.inflight += 1
-        first = True
+        first, completed = True, False
         try:
             async for out in call:
                 response = inference_pb2.GenerateResponse(
@@ -73,14 +103,16 @@ class Router:
                 )
                 if out.HasField("usage"):
                     response.usage.CopyFrom(out.usage)
+                    completed = out.finish_reason != sampling_pb2.FINISH_REASON_ABORT
                 if first:
-                    response.worker_id = chosen.worker_id
+                    response.worker_id = worker.state.worker_id
+                    ticket.first_token(time.monotonic() - dispatched)
                     first = False
                 yield response
         except grpc.aio.AioRpcError as exc:
-            raise _from_worker_error(exc, chosen.worker_id) from exc
+            raise _from_worker_error(exc, worker.state.worker_id) from exc
         finally:
-            chosen.inflight -= 1
+            ticket.finish(time.monotonic() - dispatched, completed=completed)
             call.cancel()  # no-op when finished; aborts the engine request when we are cancelled
 
 
@@ -178,14 +210,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except RpcError as error:
             await abort(context, error)
             return scheduler_pb2.ExplainResponse()
-        states = self.router.pool.states()
-        scores = self.router.policy.score(states, prepared.model)
-        eligible = [s for s in scores if not s.filtered_reason]
-        chosen = max(eligible, key=lambda s: s.score).worker_id if eligible else ""
+        decision = self.router.decide(prepared, dry_run=True)
         return scheduler_pb2.ExplainResponse(
-            chosen_worker_id=chosen, prompt_tokens=len(prepared.prompt_token_ids), policy=self.router.policy.name,
+            chosen_worker_id=decision.worker_id or "", prompt_tokens=len(prepared.prompt_token_ids),
+            policy=decision.policy,
             scores=[scheduler_pb2.WorkerScore(worker_id=s.worker_id, score=s.score, components=s.components,
-                                              filtered_reason=s.filtered_reason) for s in scores],
+                                              filtered_reason=s.filtered_reason) for s in decision.worker_scores()],
         )
 
 
@@ -197,6 +227,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", default=None, help="member id (default: scheduler-<port>-<random>)")
     parser.add_argument("--etcd", default="127.0.0.1:2379", help="comma-separated etcd endpoints")
     parser.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S)
+    parser.add_argument("--policy", default="ours", choices=POLICY_NAMES,
+                        help="routing policy (ours: the TTFT cost model; the others reproduce peers' routers)")
+    parser.add_argument("--profile", default=None,
+                        help="a routing profile YAML (filters → scorers → picker); overrides --policy")
     parser.add_argument("--model", action="append", default=None, metavar="NAME=DIR",
                         help=f"a model to serve and its tokenizer directory (repeatable; default "
                              f"{DEFAULT_MODEL_NAME}=<the fetched model>)")
@@ -225,12 +259,13 @@ async def serve(args: argparse.Namespace) -> None:
     tokenizers = {name: ModelTokenizer(path) for name, path in parse_models(args.model).items()}
     endpoints = parse_endpoints(args.etcd)
     pool = WorkerPool(endpoints)
-    router = Router(pool, tokenizers)
+    policy = load_profile(args.profile) if args.profile else policy_by_name(args.policy)
+    router = Router(pool, tokenizers, policy)
     server, health, port = make_server(f"{args.host}:{args.port}", SERVICE_NAMES)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(router), server)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(router), server)
     stop = stop_event_on_signals()
-    await pool.start()
+    await router.start()
     await server.start()
     member = membership_pb2.Member(
         id=args.id or f"scheduler-{port}-{secrets.token_hex(3)}", kind=membership_pb2.MEMBER_KIND_SCHEDULER,
@@ -248,4 +283,4 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         with contextlib.suppress(Exception):
             await server.stop(grace=None)
-        await pool.stop()
+        await router.stop()

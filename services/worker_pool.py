@@ -1,7 +1,7 @@
 """The scheduler's live view of the workers: membership from etcd, one gRPC
 channel per worker, and load polled from each worker's GetLoad.
 
-Routing state lives in scheduler.routing.WorkerState; this module only keeps it
+Routing state lives in scheduler.framework.WorkerState; this module only keeps it
 current. A worker whose etcd key is deleted (lease expired or revoked) is
 dropped at once, its channel closed.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import grpc
 
 from llm_mesh.v1 import membership_pb2, worker_pb2, worker_pb2_grpc
-from scheduler.routing import WorkerState
+from scheduler.framework import Role, WorkerState
 from services.grpc_util import CHANNEL_OPTIONS
 from services.membership import MemberDirectory
 
@@ -28,8 +28,10 @@ class PooledWorker:
         self.member = member
         self.channel = grpc.aio.insecure_channel(member.address, options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        info = member.worker
         self.state = WorkerState(
-            worker_id=member.id, model=member.worker.model, max_num_seqs=member.worker.max_num_seqs or 1
+            worker_id=member.id, model=info.model, max_num_seqs=info.max_num_seqs or 1,
+            role=Role(info.role or Role.BOTH), block_size=info.block_size or 16, kv_blocks_total=info.kv_blocks_total,
         )
         self.load = worker_pb2.WorkerLoad()
 
@@ -61,6 +63,11 @@ class WorkerPool:
 
     def states(self) -> list[WorkerState]:
         return [w.state for w in self.workers.values()]
+
+    def block_size(self, model: str) -> int | None:
+        """The KV block size of a model's workers (they must agree: it is the hash granularity)."""
+        return next((w.member.worker.block_size for w in self.workers.values()
+                     if w.member.worker.model == model and w.member.worker.block_size), None)
 
     def models(self) -> dict[str, int]:
         """Model name → its context window (the smallest among its workers)."""

@@ -94,11 +94,17 @@ class _Hasher:
         self.hasher = BlockHasher(block_size)
         self.per_chunk = chunk // block_size
         self.block_size = block_size
-        self._memo: dict[tuple[int, ...], tuple[bytes, list[int]]] = {}
+        # chunk-id prefix -> (ints, raw hashes) of that chunk's blocks; raw kept for the engines.
+        self._memo: dict[tuple[int, ...], tuple[list[int], list[bytes]]] = {}
 
     def hashes(self, request: WorkloadRequest, tokens: list[int]) -> list[int]:
+        return self.hashes_both(request, tokens)[0]
+
+    def hashes_both(self, request: WorkloadRequest, tokens: list[int]) -> tuple[list[int], list[bytes]]:
+        """(external int hashes, raw hashes) of every full block of `tokens` (the request's prompt)."""
         full = len(tokens) // self.block_size
         out: list[int] = []
+        out_raw: list[bytes] = []
         parent: bytes | None = None
         chunk_len = self.per_chunk * self.block_size
         for k, _ in enumerate(request.chunk_ids):
@@ -107,19 +113,45 @@ class _Hasher:
                 break
             blocks = min(self.per_chunk, full - start)
             key = request.chunk_ids[: k + 1] if blocks == self.per_chunk else None
-            if key is not None and key in self._memo:
-                parent, ints = self._memo[key]
+            memo = self._memo.get(key) if key is not None else None
+            if memo is not None:
+                ints, raw = memo
             else:
                 piece = tokens[k * chunk_len: k * chunk_len + blocks * self.block_size]
                 raw = self.hasher.hash_blocks(piece, parent)
-                parent, ints = raw[-1], [external_block_hash(h) for h in raw]
+                ints = [external_block_hash(h) for h in raw]
                 if key is not None:
-                    self._memo[key] = (parent, ints)
+                    self._memo[key] = (ints, raw)
+            parent = raw[-1]
             out.extend(ints)
+            out_raw.extend(raw)
         if len(out) < full:  # padding past the trace's chunks: unique, not memoized
             tail = tokens[len(out) * self.block_size: full * self.block_size]
-            out.extend(external_block_hash(h) for h in self.hasher.hash_blocks(tail, parent))
-        return out
+            raw = self.hasher.hash_blocks(tail, parent)
+            out.extend(external_block_hash(h) for h in raw)
+            out_raw.extend(raw)
+        return out, out_raw
+
+
+class _PresetHasher:
+    """The engine's BlockHasher, handed the prompt's hashes the router already computed, so a
+    prompt is hashed once per run rather than once more per engine admission. `hash_blocks` of
+    the prompt returns the preset (a copy: the engine appends generated blocks to it); anything
+    else is computed."""
+
+    def __init__(self, inner: BlockHasher) -> None:
+        self.inner = inner
+        self.block_size = inner.block_size
+        self.preset: list[bytes] | None = None
+
+    def hash_block(self, parent: bytes | None, block_token_ids) -> bytes:
+        return self.inner.hash_block(parent, block_token_ids)
+
+    def hash_blocks(self, token_ids, parent: bytes | None = None) -> list[bytes]:
+        preset, self.preset = self.preset, None
+        if preset is not None and parent is None and len(preset) == len(token_ids) // self.block_size:
+            return list(preset)
+        return self.inner.hash_blocks(token_ids, parent)
 
 
 @dataclasses.dataclass
@@ -130,7 +162,8 @@ class _Live:
 
 
 def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, model: str = "bench",
-             chunk: int = 512, slo_ttft_s: float = 2.0, hasher: _Hasher | None = None) -> dict:
+             chunk: int = 512, slo_ttft_s: float = 2.0, hasher: _Hasher | None = None,
+             share_hashes: bool = True) -> dict:
     """Replay `requests` through `policy` on `spec.workers` simulated engines; returns the summary."""
     from scheduler.framework import RequestView, WorkerState
     from scheduler.index import BlockIndex
@@ -145,6 +178,9 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
     for i in range(spec.workers):
         worker_id = f"w{i:02d}"
         engines[worker_id] = SimModel(config, Vocabulary(49_152))
+        if share_hashes:
+            assert engines[worker_id].hasher.seed == hasher.hasher.seed, "router and engines must hash alike"
+            engines[worker_id].hasher = _PresetHasher(engines[worker_id].hasher)
         connect_index(engines[worker_id], worker_id, model, index)
         states[worker_id] = WorkerState(worker_id=worker_id, model=model, max_num_seqs=spec.max_num_seqs,
                                         block_size=spec.block_size, kv_blocks_total=spec.num_blocks)
@@ -198,7 +234,8 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
             if next_at[worker_id] is not None and next_at[worker_id] <= now:
                 run_engine(worker_id, now)
         tokens = prompt_tokens(request, chunk)
-        view = RequestView(model=model, prompt_tokens=len(tokens), block_hashes=hasher.hashes(request, tokens),
+        block_hashes, raw_hashes = hasher.hashes_both(request, tokens)
+        view = RequestView(model=model, prompt_tokens=len(tokens), block_hashes=block_hashes,
                            block_size=spec.block_size, session_id=request.session_id, request_id=f"r{i}",
                            max_tokens=request.output_tokens, now=now)
         decision = policy.decide(view, list(states.values()), index)
@@ -211,13 +248,54 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
         ticket = states[worker_id].start(decision.prefill_tokens if decision.prefill_tokens is not None
                                          else len(tokens), decision.request_blocks)
         live[view.request_id] = _Live(result, ticket, now)
-        engines[worker_id].add_request(EngineRequest(view.request_id, tokens, SamplingOptions(
-            max_tokens=request.output_tokens, temperature=0, ignore_eos=True)), now)
+        if share_hashes:
+            engines[worker_id].hasher.preset = raw_hashes
+        try:
+            engines[worker_id].add_request(EngineRequest(view.request_id, tokens, SamplingOptions(
+                max_tokens=request.output_tokens, temperature=0, ignore_eos=True)), now)
+        except ValueError:  # can never run there (too long for the engine): a failed request
+            ticket.finish(completed=False)
+            del live[view.request_id]
         schedule(worker_id)
     duration = max((r.finish_s or 0.0) for r in results) - min(r.arrival_s for r in results) if results else 0.0
     return summarize(results, slo_ttft_s, duration) | {"ttfts": sorted(r.ttft for r in results)}
 
 
 def connect_index(engine: SimModel, worker_id: str, model: str, index) -> None:
-    """Feed the engine's KV events into the index, as the live mesh's event stream does."""
-    raise NotImplementedError("wired once the sim engine emits KV events")
+    """Feed the engine's KV events into the index, as the live mesh's event stream does.
+
+    The engine sends one BlockRemoved per block holding a hash; like the
+    worker's event log (services/kv_event_log.py) references are counted per
+    hash, so the index forgets a hash only when its last block goes.
+    """
+    from services.engines.base import BlockRemoved, BlockStored
+
+    refs: dict[int, int] = {}
+
+    def on_event(event) -> None:
+        if isinstance(event, BlockStored):
+            new = []
+            for h in event.block_hashes:
+                n = refs.get(h, 0)
+                refs[h] = n + 1
+                if n == 0:
+                    new.append(h)
+            if new:
+                index.stored(worker_id, model, new)
+        elif isinstance(event, BlockRemoved):
+            gone = []
+            for h in event.block_hashes:
+                n = refs.get(h, 0) - 1
+                if n <= 0:
+                    refs.pop(h, None)
+                    if n == 0:
+                        gone.append(h)
+                else:
+                    refs[h] = n
+            if gone:
+                index.removed(worker_id, model, gone)
+        else:  # AllBlocksCleared
+            refs.clear()
+            index.cleared(worker_id)
+
+    engine.pool.on_kv_event = on_event

@@ -170,7 +170,8 @@ async def test_admin_lists_workers_and_explains(sim_mesh):
         assert all(w.state == scheduler_pb2.WORKER_STATE_READY for w in listed.workers)
         assert all(w.member.worker.engine == "sim" for w in listed.workers)
         explained = await admin.Explain(scheduler_pb2.ExplainRequest(request=chat("explain")))
-        assert explained.policy == "least-loaded"
+        assert explained.policy == "ours"
+        assert all("ttft.predicted_s" in s.components for s in explained.scores)
         assert explained.chosen_worker_id in {w.member.id for w in listed.workers}
         assert len(explained.scores) == 2 and explained.prompt_tokens > 0
 
@@ -181,3 +182,26 @@ def _address_of(mesh, worker_id: str) -> str:
     with sync_grpc.insecure_channel(mesh.scheduler_address) as channel:
         listed = scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(scheduler_pb2.ListWorkersRequest())
     return next(w.member.address for w in listed.workers if w.member.id == worker_id)
+
+
+async def test_a_repeated_prompt_goes_where_its_kv_cache_is(sim_mesh, inference):
+    """KV events reach the scheduler's index; the second request sharing a long
+    prefix lands on the worker that holds it and hits its prefix cache."""
+    prefix = " ".join(f"tenant-{i}" for i in range(300))  # ~900 tokens, unique to this test
+    first = [r async for r in inference.Generate(chat(prefix + " first question", max_tokens=2))]
+    holder = first[0].worker_id
+    async with grpc.aio.insecure_channel(sim_mesh.scheduler_address) as channel:
+        admin = scheduler_pb2_grpc.SchedulerStub(channel)
+        deadline = time.monotonic() + 5
+        while True:  # the index learns of the blocks through the worker's KV event stream
+            explained = await admin.Explain(scheduler_pb2.ExplainRequest(request=chat(prefix + " second question")))
+            if explained.chosen_worker_id == holder or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert explained.chosen_worker_id == holder
+    scores = {s.worker_id: s for s in explained.scores}
+    other = next(w for w in scores if w != holder)
+    assert scores[holder].components["ttft.prefill_s"] < scores[other].components["ttft.prefill_s"]
+    second = [r async for r in inference.Generate(chat(prefix + " second question", max_tokens=2))]
+    assert second[0].worker_id == holder
+    assert second[-1].usage.cached_prompt_tokens >= 800

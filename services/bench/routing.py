@@ -1,0 +1,308 @@
+"""`llm-mesh bench routing`: every routing policy on the same workload, side by side.
+
+Simulated time (`--mode sim`, the default and only mode so far): the real
+routing code (scheduler/: policies, block index, worker state) in front of N
+simulated engines (services/engines/sim_model), driven by the discrete-event
+loop of services/bench/des.py. Engines emit vLLM-style KV events into the
+block index as their caches change; the scheduler hashes each prompt exactly
+as the engines do. So whole traces run in minutes, and each policy sees the
+same requests at the same times.
+
+Workloads: the Mooncake conversation trace (`--workload trace`, time
+compressible with `--time-scale`) or llm-d's synthetic shared-prefix
+multi-tenant shape (`--workload shared-prefix`).
+
+Latency model: `--latency default` (SimLatency's defaults: roughly an 8B model
+on an H100) or `--latency calibrated` (the fit `llm-mesh bench calibrate`
+wrote from the real vLLM engine on this machine, `--calibration PATH`). The
+report states which, with the numbers.
+
+Outputs (under `--out`): routing.json (config, per-policy summary, wall time,
+verdict on the issue's target), ttft_cdf.png; the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+from services.bench.des import ClusterSpec, _Hasher, simulate
+from services.bench.workload import CHUNK_TOKENS, WorkloadRequest, load_trace, shared_prefix
+from services.engines.sim_model import SimLatency
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TRACE_NAME = "mooncake_conversation_trace.jsonl"
+ALL_POLICIES = ("ours", "random", "round-robin", "least-loaded", "llm-d", "dynamo", "sglang", "mooncake")
+OURS = "ours"
+TARGET_RATIO = 1 / 1.2  # issue 3: ours p90 TTFT <= best peer's / 1.2, and hit rate >= best peer's
+
+
+def default_trace() -> pathlib.Path:
+    """../shared/traces/<trace> relative to the repo (or its main checkout), else /work/shared."""
+    candidates = [REPO.parent / "shared" / "traces" / TRACE_NAME, pathlib.Path.cwd().parent / "shared" / "traces" /
+                  TRACE_NAME, pathlib.Path("/work/shared/traces") / TRACE_NAME]
+    for c in candidates:
+        if c.exists():
+            return c
+    return candidates[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["sim", "live"], default="sim",
+                        help="sim: discrete-event simulated time (live: not implemented yet)")
+    parser.add_argument("--workload", choices=["trace", "shared-prefix"], default="trace")
+    parser.add_argument("--trace", type=pathlib.Path, default=None,
+                        help=f"Mooncake trace (default ../shared/traces/{TRACE_NAME})")
+    parser.add_argument("--limit", type=int, default=None, help="first N trace requests (default all)")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="compress trace time by this factor (> 1: more load)")
+    g = parser.add_argument_group("shared-prefix workload")
+    g.add_argument("--tenants", type=int, default=150)
+    g.add_argument("--prefix-tokens", type=int, default=6144)
+    g.add_argument("--suffix-tokens", type=int, default=512)
+    g.add_argument("--output-tokens", type=int, default=128)
+    g.add_argument("--rate", type=float, default=20.0, help="Poisson arrivals per second")
+    g.add_argument("--requests", type=int, default=3000)
+    c = parser.add_argument_group("cluster")
+    c.add_argument("--workers", type=int, default=8)
+    c.add_argument("--block-size", type=int, default=32)
+    c.add_argument("--num-blocks", type=int, default=4096, help="KV blocks per worker")
+    c.add_argument("--max-num-seqs", type=int, default=64)
+    c.add_argument("--max-model-len", type=int, default=131_072)
+    c.add_argument("--latency", choices=["default", "calibrated"], default="default",
+                   help="sim latency model: SimLatency defaults, or the fit to the real vLLM engine")
+    c.add_argument("--calibration", type=pathlib.Path, default=None,
+                   help="calibration JSON (implies --latency calibrated; default bench-results/calibration.json)")
+    parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated")
+    parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")
+    parser.add_argument("--seed", type=int, default=0, help="workload and policy randomness")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/routing"))
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+
+def resolve_latency(args: argparse.Namespace) -> tuple[SimLatency, dict]:
+    """The SimLatency to use and a description of where it came from."""
+    if args.calibration is None and args.latency == "default":
+        lat = SimLatency()
+        return lat, {"source": "default (SimLatency defaults: ~8B model on one H100)", **dataclasses.asdict(lat)}
+    path = args.calibration or REPO / "bench-results" / "calibration.json"
+    if not path.is_absolute() and not path.exists():
+        path = REPO / path
+    data = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(SimLatency)}
+    lat = SimLatency(**{k: float(v) for k, v in data["sim_latency"].items() if k in fields})
+    return lat, {"source": f"calibrated from {path} (real vLLM engine on this machine)", **dataclasses.asdict(lat)}
+
+
+def build_workload(args: argparse.Namespace) -> tuple[list[WorkloadRequest], dict]:
+    if args.workload == "trace":
+        path = args.trace or default_trace()
+        if not path.exists():
+            raise SystemExit(f"trace not found: {path} (pass --trace)")
+        requests = load_trace(path, limit=args.limit, time_scale=args.time_scale,
+                              max_input_tokens=args.max_model_len)
+        desc = {"workload": "trace", "trace": str(path), "limit": args.limit, "time_scale": args.time_scale}
+    else:
+        requests = shared_prefix(tenants=args.tenants, prefix_tokens=args.prefix_tokens,
+                                 suffix_tokens=args.suffix_tokens, output_tokens=args.output_tokens,
+                                 rate_per_s=args.rate, requests=args.requests, seed=args.seed)
+        desc = {"workload": "shared-prefix", "tenants": args.tenants, "prefix_tokens": args.prefix_tokens,
+                "suffix_tokens": args.suffix_tokens, "output_tokens": args.output_tokens,
+                "rate_per_s": args.rate, "requests": args.requests, "seed": args.seed}
+    if requests:
+        span = requests[-1].arrival_s - requests[0].arrival_s
+        desc |= {"num_requests": len(requests), "span_s": span,
+                 "arrival_rate_per_s": len(requests) / span if span > 0 else math.inf,
+                 "mean_input_tokens": sum(r.input_tokens for r in requests) / len(requests),
+                 "mean_output_tokens": sum(r.output_tokens for r in requests) / len(requests)}
+    return requests, desc
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+
+def run_policies(requests: list[WorkloadRequest], policies: list[str], spec: ClusterSpec, *,
+                 slo_ttft_s: float, seed: int, progress=print) -> dict[str, dict]:
+    """Simulate each policy on the same requests; one shared hasher (block hashes memoized once)."""
+    from scheduler.policies import policy_by_name
+
+    hasher = _Hasher(spec.block_size, CHUNK_TOKENS)
+    out: dict[str, dict] = {}
+    for name in policies:
+        policy = policy_by_name(name, seed=seed)
+        t0 = time.perf_counter()
+        summary = simulate(requests, policy, spec, slo_ttft_s=slo_ttft_s, hasher=hasher)
+        summary["wall_s"] = time.perf_counter() - t0
+        out[name] = summary
+        progress(f"  {name:<13} done in {summary['wall_s']:.1f}s wall "
+                 f"(p90 TTFT {summary['ttft_p90_s']:.3f}s, hit {summary['hit_rate']:.3f})")
+    return out
+
+
+def verdict(results: dict[str, dict], slo_ttft_s: float) -> dict:
+    """The issue's target, stated plainly: ours p90 <= best peer p90 / 1.2 and hit >= best peer hit."""
+    v: dict = {"target": "ours p90 TTFT <= best peer's / 1.2 and ours hit rate >= best peer's"}
+    rr = results.get("round-robin")
+    if rr is not None:
+        v["round_robin_p90_ttft_s"] = rr["ttft_p90_s"]
+        v["round_robin_slo_attainment"] = rr["slo_attainment"]
+        # "Misses the SLO": fewer than 90% of its requests get their first token within it.
+        v["round_robin_misses_slo"] = rr["ttft_p90_s"] > slo_ttft_s
+    peers = {k: s for k, s in results.items() if k != OURS}
+    if OURS not in results or not peers:
+        v["met"] = None
+        v["summary"] = "no comparison: needs 'ours' and at least one peer policy"
+        return v
+    ours = results[OURS]
+    best_p90_name = min(peers, key=lambda k: peers[k]["ttft_p90_s"])
+    best_hit_name = max(peers, key=lambda k: peers[k]["hit_rate"])
+    ratio = ours["ttft_p90_s"] / peers[best_p90_name]["ttft_p90_s"]
+    p90_ok = ratio <= TARGET_RATIO + 1e-12
+    hit_ok = ours["hit_rate"] >= peers[best_hit_name]["hit_rate"] - 1e-12
+    v |= {"best_peer_p90": best_p90_name, "best_peer_p90_ttft_s": peers[best_p90_name]["ttft_p90_s"],
+          "ours_p90_ttft_s": ours["ttft_p90_s"], "p90_ratio": ratio, "p90_target_ratio": TARGET_RATIO,
+          "p90_met": p90_ok, "best_peer_hit": best_hit_name, "best_peer_hit_rate": peers[best_hit_name]["hit_rate"],
+          "ours_hit_rate": ours["hit_rate"], "hit_met": hit_ok, "met": p90_ok and hit_ok}
+    lines = [
+        f"ours p90 TTFT {ours['ttft_p90_s']:.3f}s vs best peer {best_p90_name} {peers[best_p90_name]['ttft_p90_s']:.3f}s:"
+        f" ratio {ratio:.3f} (target <= {TARGET_RATIO:.3f}, i.e. 1.2x better) -> {'MET' if p90_ok else 'NOT met'}",
+        f"ours hit rate {ours['hit_rate']:.3f} vs best peer {best_hit_name} {peers[best_hit_name]['hit_rate']:.3f}"
+        f" -> {'MET' if hit_ok else 'NOT met'}",
+    ]
+    if rr is not None:
+        lines.append(f"round-robin p90 TTFT {rr['ttft_p90_s']:.3f}s vs SLO {slo_ttft_s}s: "
+                     + ("misses the SLO (the load the target is defined at)" if v["round_robin_misses_slo"]
+                        else "meets the SLO: the load is below the target's operating point"))
+    lines.append("issue target " + ("MET" if v["met"] else "NOT met") + " on this run")
+    v["summary"] = "\n".join(lines)
+    return v
+
+
+# ---- reporting --------------------------------------------------------------------------------
+
+COLUMNS = [  # (header, key, format)
+    ("policy", None, "{}"),
+    ("TTFT mean", "ttft_mean_s", "{:.3f}"),
+    ("p50", "ttft_p50_s", "{:.3f}"),
+    ("p90", "ttft_p90_s", "{:.3f}"),
+    ("p99", "ttft_p99_s", "{:.3f}"),
+    ("E2E mean", "e2e_mean_s", "{:.2f}"),
+    ("E2E p90", "e2e_p90_s", "{:.2f}"),
+    ("out tok/s", "output_tok_per_s", "{:.0f}"),
+    ("hit rate", "hit_rate", "{:.3f}"),
+    ("imbalance", "imbalance", "{:.2f}"),
+    ("SLO att.", "slo_attainment", "{:.3f}"),
+    ("done", "completed", "{}"),
+    ("wall s", "wall_s", "{:.1f}"),
+]
+
+
+def format_table(results: dict[str, dict]) -> str:
+    rows = [[h for h, _, _ in COLUMNS]]
+    for name, s in results.items():
+        rows.append([name] + [fmt.format(s[key]) for _, key, fmt in COLUMNS[1:]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot_cdf(results: dict[str, dict], path: pathlib.Path, slo_ttft_s: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, s in results.items():
+        ttfts = [t for t in s["ttfts"] if math.isfinite(t)]
+        n = max(1, s["requests"])  # rejected/unfinished requests keep the curve below 1
+        if not ttfts:
+            continue
+        ys = [(i + 1) / n for i in range(len(ttfts))]
+        ax.step([max(t, 1e-4) for t in ttfts], ys, where="post", label=f"{name} (p90 {s['ttft_p90_s']:.2f}s)",
+                linewidth=2.2 if name == OURS else 1.2)
+    ax.axvline(slo_ttft_s, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo_ttft_s}s")
+    ax.axhline(0.9, color="lightgrey", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mode == "live":
+        print("llm-mesh bench routing --mode live: not implemented yet (use --mode sim)")
+        return 2
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in ALL_POLICIES]
+    if unknown or not policies:
+        print(f"unknown policies {unknown}; known: {', '.join(ALL_POLICIES)}")
+        return 2
+    latency, latency_desc = resolve_latency(args)
+    spec = ClusterSpec(workers=args.workers, block_size=args.block_size, num_blocks=args.num_blocks,
+                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, latency=latency)
+    requests, workload = build_workload(args)
+    if not requests:
+        print("empty workload")
+        return 2
+    print(f"workload: {json.dumps(workload)}")
+    print(f"cluster: {args.workers} sim workers x {args.num_blocks} blocks of {args.block_size} tokens, "
+          f"max_num_seqs {args.max_num_seqs}; latency: {latency_desc['source']}: "
+          f"prefill {latency.prefill_per_token_s * 1e3:.3g} ms/token + {latency.step_overhead_s * 1e3:.3g} ms, "
+          f"ITL {latency.itl_s * 1e3:.3g} ms x (1 + {latency.batch_slowdown:.3g} (batch - 1))")
+    print(f"policies: {', '.join(policies)}; TTFT SLO {args.slo_ttft}s")
+    results = run_policies(requests, policies, spec, slo_ttft_s=args.slo_ttft, seed=args.seed)
+    v = verdict(results, args.slo_ttft)
+    print()
+    print(format_table(results))
+    print()
+    print(v["summary"])
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "mode": "sim (discrete-event, simulated time)",
+        "workload": workload,
+        "cluster": {"workers": args.workers, "block_size": args.block_size, "num_blocks": args.num_blocks,
+                    "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len},
+        "latency": latency_desc,
+        "slo_ttft_s": args.slo_ttft,
+        "seed": args.seed,
+        "policies": {k: {kk: vv for kk, vv in s.items() if kk != "ttfts"} for k, s in results.items()},
+        "verdict": v,
+    }
+    json_path = args.out / "routing.json"
+    json_path.write_text(json.dumps(_finite(report), indent=2, default=str))
+    print(f"\nwrote {json_path}")
+    if not args.no_plot:
+        png = args.out / "ttft_cdf.png"
+        title = (f"TTFT CDF — {workload['workload']}, {len(requests)} requests, {args.workers} workers, "
+                 f"latency {'calibrated' if 'calibrated' in latency_desc['source'] else 'default'}")
+        plot_cdf(results, png, args.slo_ttft, title)
+        print(f"wrote {png}")
+    return 0
+
+
+def _finite(o):
+    """JSON has no inf/nan: write null."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
