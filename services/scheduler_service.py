@@ -29,6 +29,7 @@ from scheduler.profile import load_profile
 from services import __version__
 from services.grpc_util import RpcError, abort, make_server, set_serving, stop_event_on_signals
 from services.kv_events import KVEventSubscriber
+from services.metrics import SchedulerMetrics
 from services.membership import DEFAULT_TTL_S, Registration, parse_endpoints
 from services.openai_format import chat_chunks, chat_completion, completion, completion_chunks
 from services.requests import PreparedRequest, from_chat, from_completion, prepare, DEFAULT_COMPLETION_MAX_TOKENS
@@ -51,12 +52,15 @@ class Router:
     each scheduler replica holds the same view without talking to the others.
     """
 
-    def __init__(self, pool: WorkerPool, tokenizers: dict[str, ModelTokenizer], policy: Policy) -> None:
+    def __init__(self, pool: WorkerPool, tokenizers: dict[str, ModelTokenizer], policy: Policy,
+                 metrics: SchedulerMetrics | None = None) -> None:
         self.pool = pool
         self.tokenizers = tokenizers
         self.policy = policy
         self.index = BlockIndex()
         self.kv_events = KVEventSubscriber(pool.directory, self.index)
+        self.metrics = metrics or SchedulerMetrics()
+        self.metrics.watch_index(lambda: len(self.index), lambda: self.kv_events.feeds)
 
     async def start(self) -> None:
         await self.pool.start()
@@ -80,6 +84,7 @@ class Router:
     async def run(self, prepared: PreparedRequest, context: grpc.aio.ServicerContext
                   ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         decision = self.decide(prepared)
+        self.metrics.decided(decision)
         worker = self.pool.workers.get(decision.worker_id) if decision.worker_id else None
         if worker is None:
             reason = decision.reason or f"no live worker serves {prepared.model!r}"
@@ -104,6 +109,7 @@ class Router:
                 if out.HasField("usage"):
                     response.usage.CopyFrom(out.usage)
                     completed = out.finish_reason != sampling_pb2.FINISH_REASON_ABORT
+                    self.metrics.finished(out.usage.prompt_tokens, out.usage.cached_prompt_tokens)
                 if first:
                     response.worker_id = worker.state.worker_id
                     ticket.first_token(time.monotonic() - dispatched)
@@ -231,6 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="routing policy (ours: the TTFT cost model; the others reproduce peers' routers)")
     parser.add_argument("--profile", default=None,
                         help="a routing profile YAML (filters → scorers → picker); overrides --policy")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     parser.add_argument("--model", action="append", default=None, metavar="NAME=DIR",
                         help=f"a model to serve and its tokenizer directory (repeatable; default "
                              f"{DEFAULT_MODEL_NAME}=<the fetched model>)")
@@ -261,6 +268,8 @@ async def serve(args: argparse.Namespace) -> None:
     pool = WorkerPool(endpoints)
     policy = load_profile(args.profile) if args.profile else policy_by_name(args.policy)
     router = Router(pool, tokenizers, policy)
+    if args.metrics_port is not None:
+        router.metrics.serve(args.metrics_port, args.host)
     server, health, port = make_server(f"{args.host}:{args.port}", SERVICE_NAMES)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(router), server)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(router), server)

@@ -36,6 +36,7 @@ class Mesh:
     workers: dict[str, Child]  # address → child
     scheduler: Child
     log_dir: pathlib.Path
+    metrics_url: str
     children: list[Child] = dataclasses.field(default_factory=list)
 
     def start_worker(self, extra: list[str], lease_ttl: int = 10, timeout: float = 60) -> tuple[str, Child]:
@@ -56,11 +57,13 @@ class Mesh:
 
 def start_mesh(etcd: EtcdServer, log_dir: pathlib.Path, model_dir: pathlib.Path, worker_args: list[list[str]],
                lease_ttl: int = 10, worker_timeout: float = 60) -> Mesh:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     scheduler = Child.llm_mesh("scheduler", ["scheduler", "--port", str(port), "--etcd", etcd.endpoint,
+                                             "--metrics-port", str(metrics_port),
                                              "--lease-ttl", str(lease_ttl),
                                              "--model", f"{DEFAULT_MODEL_NAME}={model_dir}"], log_dir)
-    mesh = Mesh(etcd.endpoint, f"127.0.0.1:{port}", DEFAULT_MODEL_NAME, {}, scheduler, log_dir, [scheduler])
+    mesh = Mesh(etcd.endpoint, f"127.0.0.1:{port}", DEFAULT_MODEL_NAME, {}, scheduler, log_dir,
+                f"http://127.0.0.1:{metrics_port}/metrics", [scheduler])
     try:
         for extra in worker_args:
             mesh.start_worker(extra, lease_ttl, worker_timeout)

@@ -205,3 +205,23 @@ async def test_a_repeated_prompt_goes_where_its_kv_cache_is(sim_mesh, inference)
     second = [r async for r in inference.Generate(chat(prefix + " second question", max_tokens=2))]
     assert second[0].worker_id == holder
     assert second[-1].usage.cached_prompt_tokens >= 800
+
+
+async def test_metrics_scrape_shows_routing_and_cache_hits(sim_mesh, inference):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prompt = " ".join(f"metrics-{i}" for i in range(200))
+    for _ in range(2):
+        [r async for r in inference.Generate(chat(prompt, max_tokens=2))]
+        await asyncio.sleep(0.3)  # let the KV events of the first reach the index
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(sim_mesh.metrics_url)).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("llm_mesh_routing_decisions_total", (("outcome", "routed"), ("policy", "ours")))] >= 2
+    assert samples[("llm_mesh_kv_index_entries", ())] > 0
+    assert samples[("llm_mesh_cached_prompt_tokens_total", ())] > 0
+    assert 0 < samples[("llm_mesh_prefix_cache_hit_ratio", ())] <= 1
+    assert samples[("llm_mesh_routing_decision_seconds_count", (("policy", "ours"),))] >= 2
+    assert any(name == "llm_mesh_routing_stage_seconds_count" for name, _ in samples)

@@ -39,6 +39,10 @@ def test_trace_slice_report(tmp_path: pathlib.Path, capsys) -> None:
         assert s["ttft_mean_s"] > 0 and s["e2e_mean_s"] >= s["ttft_mean_s"], name
         assert 0 <= s["hit_rate"] < 1 and 0 <= s["slo_attainment"] <= 1 and s["imbalance"] >= 1, name
         assert s["output_tok_per_s"] > 0
+    b = report["bounds"]
+    assert 0 < b["ideal_ttft_p90_s"] <= b["no_cache_ttft_p90_s"] and 0 <= b["ideal_hit_rate"] < 1
+    for s in report["policies"].values():  # no policy beats the infinite-cache, no-queue bound
+        assert s["hit_rate"] <= b["ideal_hit_rate"] + 1e-9
     v = report["verdict"]
     assert v["best_peer_p90"] in {"random", "round-robin"} and isinstance(v["met"], bool)
     assert v["p90_ratio"] == pytest.approx(v["ours_p90_ttft_s"] / v["best_peer_p90_ttft_s"])
@@ -97,3 +101,23 @@ def test_verdict_states_the_target_plainly() -> None:
 def test_live_mode_is_not_faked(tmp_path: pathlib.Path, capsys) -> None:
     assert _bench(["--mode", "live", "--out", str(tmp_path)]) == 2
     assert "not implemented" in capsys.readouterr().out
+
+
+def test_router_hashes_match_engine_and_sharing_them_changes_nothing() -> None:
+    from scheduler.framework import RequestView
+    from scheduler.policies import policy_by_name
+    from services.bench.des import ClusterSpec, _Hasher, simulate
+    from services.bench.workload import WorkloadRequest, prompt_tokens, shared_prefix
+
+    hasher = _Hasher(32, 512)
+    # Shared chunks (memoized), a partial last chunk, and padding past the chunk ids.
+    for req in [WorkloadRequest(0.0, (1, 2, 3), 1400, 4), WorkloadRequest(0.0, (1, 2, 9), 1536, 4),
+                WorkloadRequest(0.0, (1, 2), 1600, 4)]:
+        tokens = prompt_tokens(req)
+        assert hasher.hashes(req, tokens) == list(RequestView.from_tokens("m", tokens, 32).block_hashes)
+    reqs = shared_prefix(tenants=6, prefix_tokens=2048, suffix_tokens=256, output_tokens=8, rate_per_s=20,
+                         requests=60)
+    spec = ClusterSpec(workers=3, num_blocks=512)
+    a = simulate(reqs, policy_by_name("ours", seed=0), spec, hasher=_Hasher(32, 512), share_hashes=True)
+    b = simulate(reqs, policy_by_name("ours", seed=0), spec, hasher=_Hasher(32, 512), share_hashes=False)
+    assert a == b and a["hit_rate"] > 0.5
