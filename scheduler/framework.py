@@ -377,6 +377,19 @@ def apply_filters(filters: Sequence[Filter], request: RequestView, workers: list
     return eligible, filtered
 
 
+def start_decision(policy: str, filters: Sequence[Filter], request: RequestView, workers: list[WorkerState]
+                   ) -> tuple[list[WorkerState], Decision]:
+    """Filter the workers and open the policy's Decision; when none is eligible the
+    Decision already says why (callers return it as is)."""
+    t0 = time.perf_counter()
+    eligible, filtered = apply_filters(filters, request, workers)
+    decision = Decision(None, policy, [w.worker_id for w in eligible], filtered=filtered,
+                        request_blocks=len(request.block_hashes), timings_s={"filters": time.perf_counter() - t0})
+    if not eligible:
+        decision.reason = "no eligible worker" if workers else "no workers"
+    return eligible, decision
+
+
 # ---- the generic policy ----------------------------------------------------------------------------
 
 
@@ -395,14 +408,10 @@ class ProfilePolicy:
     def decide(self, request: RequestView, workers: list[WorkerState], index: BlockIndex, *,
                dry_run: bool = False) -> Decision:
         clock = time.perf_counter
-        t0 = clock()
-        eligible, filtered = apply_filters(self.filters, request, workers)
-        timings = {"filters": clock() - t0}
-        decision = Decision(None, self.name, [w.worker_id for w in eligible], filtered=filtered,
-                            request_blocks=len(request.block_hashes), timings_s=timings)
+        eligible, decision = start_decision(self.name, self.filters, request, workers)
         if not eligible:
-            decision.reason = "no eligible worker" if workers else "no workers"
             return decision
+        timings = decision.timings_s
         ctx = ScoringContext(request, index, eligible, dry_run=dry_run, overlay=self.overlay)
         totals = [0.0] * len(eligible)
         for scorer, weight in self.scorers:

