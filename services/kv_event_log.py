@@ -187,7 +187,8 @@ class KVEventLog:
             self._wakeup = asyncio.Event()
         wakeup = self._wakeup
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(wakeup.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+                await wakeup.wait()
             return True
         return False
 

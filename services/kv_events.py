@@ -190,7 +190,10 @@ class KVEventSubscriber:
                 feed.call = call = stub.WatchKVEvents(request)
                 try:
                     while True:
-                        batch = await asyncio.wait_for(call.read(), self.idle_timeout_s)
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that
+                        # lands as the read completes, and stop() would then wait forever.
+                        async with asyncio.timeout(self.idle_timeout_s):
+                            batch = await call.read()
                         if batch is grpc.aio.EOF:
                             break
                         self._apply(feed, batch)

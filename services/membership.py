@@ -132,15 +132,19 @@ class Registration:
             except _ETCD_ERRORS as exc:
                 log.warning("etcd unreachable for %s (%s); retrying", self.key, type(exc).__name__)
                 interval = _RETRY_S
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as
+            # the awaited thing completes, and a stop() awaiting this task would hang.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._changed.wait()
 
     async def _keep_alive_once(self) -> int:
         """Renew the lease once; returns the TTL left (≤ 0: the lease is gone)."""
         assert self._lease_id is not None
         call = self._client.lease.keep_alive(self._lease_id)
         try:
-            response = await asyncio.wait_for(call.read(), _RPC_TIMEOUT_S)
+            async with asyncio.timeout(_RPC_TIMEOUT_S):
+                response = await call.read()
         finally:
             call.cancel()
         if response is grpc.aio.EOF:
