@@ -27,9 +27,12 @@ import dataclasses
 import enum
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from scheduler.index import BlockIndex, PrefixMatch, Tier
+
+if TYPE_CHECKING:
+    from scheduler.disagg import DisaggConfig
 
 # ---- state the services fill -------------------------------------------------------------
 
@@ -403,6 +406,8 @@ class ProfilePolicy:
         self.scorers = list(scorers)
         self.picker = picker
         self.overlay = overlay
+        # The profile's `disaggregation:` section (scheduler.disagg.DisaggConfig); None = defaults.
+        self.disagg: DisaggConfig | None = None
         self._seq = 0
 
     def decide(self, request: RequestView, workers: list[WorkerState], index: BlockIndex, *,

@@ -7,6 +7,7 @@
       - {name: session-affinity, weight: 0.05}
     picker: {name: max-score, params: {tie_break: lru}}
     speculative: {ttl_s: 20}        # optional: remember routed prefixes until KV events confirm them
+    disaggregation: {remote_prefill_min_tokens: 64, max_prefill_queue: 8}   # optional: P/D thresholds
 
 `filters` defaults to [model, routable, role]; `picker` to max-score. A weight
 is a finite number >= 0 (0 disables a scorer). Names and params are checked
@@ -22,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from scheduler.disagg import config_from_profile
 from scheduler.filters import DEFAULT_FILTERS, FILTERS
 from scheduler.framework import ProfilePolicy
 from scheduler.pickers import PICKERS
@@ -29,7 +31,7 @@ from scheduler.scorers import SCORERS
 from scheduler.speculative import SpeculativePrefixes
 
 PROFILES_DIR = pathlib.Path(__file__).with_name("profiles")
-_KEYS = {"name", "description", "filters", "scorers", "picker", "speculative"}
+_KEYS = {"name", "description", "filters", "scorers", "picker", "speculative", "disaggregation"}
 
 
 class ProfileError(ValueError):
@@ -67,7 +69,12 @@ def load_profile(source: str | pathlib.Path | Mapping[str, Any]) -> ProfilePolic
             overlay = SpeculativePrefixes(**params)
         except (TypeError, ValueError) as exc:
             raise ProfileError(f"{where}: speculative: {exc}") from None
-    return ProfilePolicy(name, filters, scorers, picker, overlay)
+    policy = ProfilePolicy(name, filters, scorers, picker, overlay)
+    try:
+        policy.disagg = config_from_profile(spec.get("disaggregation"), where)
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from None
+    return policy
 
 
 def _read(source: str | pathlib.Path | Mapping[str, Any]) -> tuple[Any, str]:

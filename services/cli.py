@@ -23,7 +23,7 @@ COMMANDS = [
 BENCHMARKS = [
     ("overhead", "services.bench.overhead", "TTFT/ITL through the mesh vs the vLLM engine called directly"),
     ("calibrate", "services.bench.calibrate", "fit the sim engine's latency model to the real vLLM engine"),
-    ("routing", "services.bench.routing", "every routing policy side by side on a trace, in simulated time"),
+    ("routing", "services.bench.routing", "every routing policy side by side on a trace (simulated time or live)"),
     ("scheduler", "services.bench.scheduler", "one scheduler replica: decision latency, tokenize+hash, KV ingest, requests/s"),
 ]
 

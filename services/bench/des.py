@@ -7,30 +7,60 @@ the engines hash it, the policy decides, and the request joins that engine.
 Between arrivals the clock jumps to the next engine event. Engines' KV events
 feed the block index as they happen (a live mesh adds the event stream's
 latency; `event_delay_s` is not modelled yet).
+
+Topology (`ClusterSpec`): `workers` aggregated engines (Role.BOTH, today's
+default), plus optionally `prefill_workers` and `decode_workers`. Every request
+goes through scheduler.disagg.Disaggregator (with no prefill worker it is the
+policy's decision, unchanged). A remote one runs its prompt on the prefill
+engine (max_tokens=1); when that token is out, the request joins the decode
+engine with `remote_kv=True`: it pulls the KV it lacks (`ClusterSpec.kv_transfer`)
+and decodes every output token there, as llm-d's decode side does (the
+prefill's token is not forwarded).
+
+Latencies reported: TTFT = arrival → first token at the decode engine;
+ITL = every gap between consecutive tokens of a request, pooled over all
+requests (what `vllm bench serve` reports as ITL, so one stalled step shows in
+the tail); TPOT = per request (finish − first token) / (output tokens − 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
+import array
+import collections
 import math
 import statistics
 from collections.abc import Sequence
 
 from scheduler.block_hash import BlockHasher, external_block_hash
+from scheduler.framework import Role
 from services.bench.workload import WorkloadRequest, prompt_tokens
 from services.engines.base import EngineRequest, SamplingOptions
-from services.engines.sim_model import SimConfig, SimLatency, SimModel, Vocabulary
+from services.engines.sim_model import KVTransfer, SimConfig, SimLatency, SimModel, Vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
-    workers: int = 8
+    workers: int = 8                # aggregated engines (prefill and decode on each)
     block_size: int = 32
     num_blocks: int = 4096          # per engine: 131k tokens at block size 32
     max_num_seqs: int = 64
     max_model_len: int = 131_072
     latency: SimLatency = SimLatency()
+    prefill_workers: int = 0        # P/D: prefill-only engines
+    decode_workers: int = 0         # P/D: decode engines (prefill locally when the rule says so)
+    kv_transfer: KVTransfer = KVTransfer()
+
+    @property
+    def total_workers(self) -> int:
+        return self.workers + self.prefill_workers + self.decode_workers
+
+    def worker_roles(self) -> list[tuple[str, Role]]:
+        """(worker id, role) of every engine: w.. aggregated, p.. prefill, d.. decode."""
+        return ([(f"w{i:02d}", Role.BOTH) for i in range(self.workers)]
+                + [(f"p{i:02d}", Role.PREFILL) for i in range(self.prefill_workers)]
+                + [(f"d{i:02d}", Role.DECODE) for i in range(self.decode_workers)])
 
 
 @dataclasses.dataclass
@@ -42,10 +72,18 @@ class RequestResult:
     cached_tokens: int = 0
     first_token_s: float | None = None
     finish_s: float | None = None
+    prefill_worker: str = ""  # set when the prompt was prefilled remotely (P/D)
 
     @property
     def ttft(self) -> float:
         return (self.first_token_s or math.inf) - self.arrival_s
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean inter-token latency of this request; None with fewer than 2 tokens or unfinished."""
+        if self.finish_s is None or self.first_token_s is None or self.output_tokens < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (self.output_tokens - 1)
 
     @property
     def e2e(self) -> float:
@@ -59,10 +97,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def summarize(results: list[RequestResult], slo_ttft_s: float, duration_s: float) -> dict[str, float]:
+def summarize(results: list[RequestResult], slo_ttft_s: float, duration_s: float,
+              itl_gaps: Sequence[float] | None = None) -> dict[str, float]:
+    """The run's numbers. `itl_gaps`: every inter-token gap, when the driver tracked them
+    (else the ITL keys are NaN; TPOT comes from the results alone)."""
     done = [r for r in results if r.finish_s is not None]
     ttft = [r.ttft for r in done]
     e2e = [r.e2e for r in done]
+    tpot = [t for t in (r.tpot for r in done) if t is not None]
+    gaps = sorted(itl_gaps) if itl_gaps else []
     per_worker: dict[str, int] = {}
     for r in results:
         per_worker[r.worker] = per_worker.get(r.worker, 0) + r.input_tokens - r.cached_tokens
@@ -82,6 +125,11 @@ def summarize(results: list[RequestResult], slo_ttft_s: float, duration_s: float
         # Uncached prompt tokens (the real work) of the busiest worker over the mean.
         "imbalance": max(loads) / max(1e-9, statistics.fmean(loads)),
         "slo_attainment": sum(t <= slo_ttft_s for t in ttft) / max(1, len(results)),
+        "itl_p50_s": percentile(gaps, 50),
+        "itl_p99_s": percentile(gaps, 99),
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
+        "pd_remote": sum(1 for r in results if r.prefill_worker),
     }
 
 
@@ -159,33 +207,52 @@ class _Live:
     result: RequestResult
     ticket: object  # scheduler.framework.Ticket
     dispatched_s: float
+    last_token_s: float = 0.0
+
+
+@dataclasses.dataclass
+class _PrefillLeg:
+    """A remote prefill in flight: once its token is out, `request` joins `decode_worker`."""
+
+    ticket: object  # the prefill worker's Ticket
+    dispatched_s: float
+    decode_worker: str
+    request: EngineRequest
+    raw_hashes: list[bytes]
 
 
 def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, model: str = "bench",
              chunk: int = 512, slo_ttft_s: float = 2.0, hasher: _Hasher | None = None,
              share_hashes: bool = True) -> dict:
-    """Replay `requests` through `policy` on `spec.workers` simulated engines; returns the summary."""
+    """Replay `requests` through `policy` (the decode choice; scheduler.disagg adds the P/D rule)
+    on the cluster's simulated engines; returns the summary, with `pd_decisions` (rule → count)."""
+    from scheduler.disagg import Disaggregator
     from scheduler.framework import RequestView, WorkerState
     from scheduler.index import BlockIndex
 
     index = BlockIndex()
+    disagg = Disaggregator(policy)
     hasher = hasher or _Hasher(spec.block_size, chunk)
     config = SimConfig(model=model, block_size=spec.block_size, num_blocks=spec.num_blocks,
                        max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
-                       max_prefill_tokens=spec.max_model_len, latency=spec.latency)
+                       max_prefill_tokens=spec.max_model_len, latency=spec.latency,
+                       kv_transfer=spec.kv_transfer)
     engines: dict[str, SimModel] = {}
     states: dict[str, WorkerState] = {}
-    for i in range(spec.workers):
-        worker_id = f"w{i:02d}"
+    for worker_id, role in spec.worker_roles():
         engines[worker_id] = SimModel(config, Vocabulary(49_152))
         if share_hashes:
             assert engines[worker_id].hasher.seed == hasher.hasher.seed, "router and engines must hash alike"
             engines[worker_id].hasher = _PresetHasher(engines[worker_id].hasher)
         connect_index(engines[worker_id], worker_id, model, index)
         states[worker_id] = WorkerState(worker_id=worker_id, model=model, max_num_seqs=spec.max_num_seqs,
-                                        block_size=spec.block_size, kv_blocks_total=spec.num_blocks)
-    live: dict[str, _Live] = {}
+                                        role=role, block_size=spec.block_size,
+                                        kv_blocks_total=spec.num_blocks)
+    live: dict[str, _Live] = {}  # decode legs (and aggregated requests)
+    prefilling: dict[str, _PrefillLeg] = {}  # remote prefill legs, by request id
     results: list[RequestResult] = []
+    itl_gaps = array.array("d")
+    rules: collections.Counter[str] = collections.Counter()
     pending = sorted(requests, key=lambda r: r.arrival_s)
     engine_events: list[tuple[float, str]] = []  # (next event time, worker) — lazily invalidated
     next_at: dict[str, float | None] = {w: None for w in engines}
@@ -196,8 +263,38 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
         if t is not None:
             heapq.heappush(engine_events, (t, worker_id))
 
+    def add(worker_id: str, request: EngineRequest, raw_hashes: list[bytes], now: float,
+            remote_kv: bool = False) -> bool:
+        """Queue `request` on the engine; False if it can never run there."""
+        if share_hashes:
+            engines[worker_id].hasher.preset = raw_hashes
+        try:
+            engines[worker_id].add_request(request, now, remote_kv=remote_kv)
+        except ValueError:
+            return False
+        finally:
+            schedule(worker_id)
+        return True
+
+    def fail(request_id: str) -> None:
+        entry = live.pop(request_id)
+        entry.ticket.finish(completed=False)
+
+    def prefill_done(out) -> None:
+        leg = prefilling.get(out.request_id)
+        if leg is None or out.finish_reason is None:  # (its one token is also its last)
+            return
+        del prefilling[out.request_id]
+        leg.ticket.finish(out.time - leg.dispatched_s)
+        if not add(leg.decode_worker, leg.request, leg.raw_hashes, out.time, remote_kv=True):
+            fail(out.request_id)
+
     def run_engine(worker_id: str, now: float) -> None:
+        prefill_engine = states[worker_id].role == Role.PREFILL
         for out in engines[worker_id].advance(now):
+            if prefill_engine:
+                prefill_done(out)
+                continue
             entry = live.get(out.request_id)
             if entry is None:
                 continue
@@ -206,6 +303,9 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
                 r.first_token_s = out.time
                 r.cached_tokens = out.cached_prompt_tokens
                 entry.ticket.first_token(out.time - entry.dispatched_s)
+            else:
+                itl_gaps.append(out.time - entry.last_token_s)
+            entry.last_token_s = out.time
             if out.finish_reason is not None:
                 r.finish_s = out.time
                 entry.ticket.finish(out.time - entry.dispatched_s)
@@ -238,27 +338,49 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
         view = RequestView(model=model, prompt_tokens=len(tokens), block_hashes=block_hashes,
                            block_size=spec.block_size, session_id=request.session_id, request_id=f"r{i}",
                            max_tokens=request.output_tokens, now=now)
-        decision = policy.decide(view, list(states.values()), index)
-        worker_id = decision.worker_id
+        pd = disagg.decide(view, list(states.values()), index)
+        rules[pd.rule] += 1
+        decision, worker_id = pd.decode, pd.decode_worker
         if worker_id is None:  # rejected (e.g. an SLO-aware policy): counts as a miss
             results.append(RequestResult(request.arrival_s, "", request.input_tokens, request.output_tokens))
             continue
         result = RequestResult(request.arrival_s, worker_id, request.input_tokens, request.output_tokens)
         results.append(result)
-        ticket = states[worker_id].start(decision.prefill_tokens if decision.prefill_tokens is not None
-                                         else len(tokens), decision.request_blocks)
+        ticket = states[worker_id].start(pd.decode_prefill_tokens, decision.request_blocks)
         live[view.request_id] = _Live(result, ticket, now)
-        if share_hashes:
-            engines[worker_id].hasher.preset = raw_hashes
-        try:
-            engines[worker_id].add_request(EngineRequest(view.request_id, tokens, SamplingOptions(
-                max_tokens=request.output_tokens, temperature=0, ignore_eos=True)), now)
-        except ValueError:  # can never run there (too long for the engine): a failed request
-            ticket.finish(completed=False)
-            del live[view.request_id]
-        schedule(worker_id)
+        engine_request = EngineRequest(view.request_id, tokens, SamplingOptions(
+            max_tokens=request.output_tokens, temperature=0, ignore_eos=True))
+        if pd.prefill is None:
+            if not add(worker_id, engine_request, raw_hashes, now):  # too long for the engine: failed
+                fail(view.request_id)
+            continue
+        prefill_id = pd.prefill.worker_id
+        result.prefill_worker = prefill_id
+        prefill_ticket = states[prefill_id].start(pd.prefill.prefill_tokens, decision.request_blocks)
+        prefilling[view.request_id] = _PrefillLeg(prefill_ticket, now, worker_id, engine_request, raw_hashes)
+        one_token = dataclasses.replace(engine_request, sampling=dataclasses.replace(
+            engine_request.sampling, max_tokens=1))
+        if not add(prefill_id, one_token, raw_hashes, now):
+            del prefilling[view.request_id]
+            prefill_ticket.finish(completed=False)
+            fail(view.request_id)
     duration = max((r.finish_s or 0.0) for r in results) - min(r.arrival_s for r in results) if results else 0.0
-    return summarize(results, slo_ttft_s, duration) | {"ttfts": sorted(r.ttft for r in results)}
+    return summarize(results, slo_ttft_s, duration, itl_gaps) | {
+        "ttfts": sorted(r.ttft for r in results), "pd_decisions": dict(rules),
+        "engine_stats": _engine_stats(engines)}
+
+
+def _engine_stats(engines: dict[str, SimModel]) -> dict[str, dict[str, int]]:
+    """Per engine role prefix (w, p, d): summed prompt compute and KV pulls."""
+    out: dict[str, dict[str, int]] = {}
+    for worker_id, engine in engines.items():
+        s = out.setdefault(worker_id[0], collections.Counter())
+        st = engine.stats
+        s.update({"engines": 1, "prefill_computed_tokens": st.prefill_computed_tokens,
+                  "remote_prefills": st.remote_prefills, "kv_pulled_bytes": st.kv_pulled_bytes,
+                  "prefill_steps": st.prefill_steps, "decode_steps": st.decode_steps,
+                  "preemptions": st.preemptions})
+    return {k: dict(v) for k, v in out.items()}
 
 
 def connect_index(engine: SimModel, worker_id: str, model: str, index) -> None:

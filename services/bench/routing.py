@@ -1,6 +1,6 @@
 """`llm-mesh bench routing`: every routing policy on the same workload, side by side.
 
-Simulated time (`--mode sim`, the default and only mode so far): the real
+Simulated time (`--mode sim`, the default): the real
 routing code (scheduler/: policies, block index, worker state) in front of N
 simulated engines (services/engines/sim_model), driven by the discrete-event
 loop of services/bench/des.py. Engines emit vLLM-style KV events into the
@@ -8,9 +8,22 @@ block index as their caches change; the scheduler hashes each prompt exactly
 as the engines do. So whole traces run in minutes, and each policy sees the
 same requests at the same times.
 
+Live (`--mode live`, services/bench/live.py): the same workload through real
+processes — sim workers with wall-clock latencies, a scheduler process per
+policy, real etcd, real gRPC — with trace time compressed by `--speedup`, so
+the router's own overhead is in the numbers.
+
 Workloads: the Mooncake conversation trace (`--workload trace`, time
-compressible with `--time-scale`) or llm-d's synthetic shared-prefix
-multi-tenant shape (`--workload shared-prefix`).
+compressible with `--time-scale`), llm-d's synthetic shared-prefix
+multi-tenant shape (`--workload shared-prefix`), or short prompts with long
+ones mixed in (`--workload mixed`).
+
+Topology (sim): `--workers N` aggregated engines, or prefill/decode
+disaggregation with `--prefill-workers P [--decode-workers D]` (D defaults to
+N - P; the P/D rule of scheduler/disagg.py, KV pulls modelled by
+`--kv-bandwidth-gbps`, `--kv-bytes-per-token`, `--kv-latency-ms`). A P/D run
+also runs the aggregated cluster of the same total size on the same requests
+and reports both, with ITL p99 P/D / aggregated against issue 4's target (<= 1/2).
 
 Latency model: `--latency default` (SimLatency's defaults: roughly an 8B model
 on an H100) or `--latency calibrated` (the fit `llm-mesh bench calibrate`
@@ -31,14 +44,15 @@ import pathlib
 import time
 
 from services.bench.des import ClusterSpec, _Hasher, simulate
-from services.bench.workload import CHUNK_TOKENS, WorkloadRequest, load_trace, shared_prefix
-from services.engines.sim_model import SimLatency
+from services.bench.workload import CHUNK_TOKENS, WorkloadRequest, load_trace, long_short_mix, shared_prefix
+from services.engines.sim_model import KVTransfer, SimLatency
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRACE_NAME = "mooncake_conversation_trace.jsonl"
 ALL_POLICIES = ("ours", "random", "round-robin", "least-loaded", "llm-d", "dynamo", "sglang", "mooncake")
 OURS = "ours"
 TARGET_RATIO = 1 / 1.2  # issue 3: ours p90 TTFT <= best peer's / 1.2, and hit rate >= best peer's
+PD_ITL_TARGET = 0.5  # issue 4: in simulation, P/D decode ITL p99 <= 1/2 of aggregated's
 
 
 def default_trace() -> pathlib.Path:
@@ -53,8 +67,8 @@ def default_trace() -> pathlib.Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["sim", "live"], default="sim",
-                        help="sim: discrete-event simulated time (live: not implemented yet)")
-    parser.add_argument("--workload", choices=["trace", "shared-prefix"], default="trace")
+                        help="sim: discrete-event simulated time; live: real processes and gRPC, wall clock")
+    parser.add_argument("--workload", choices=["trace", "shared-prefix", "mixed"], default="trace")
     parser.add_argument("--trace", type=pathlib.Path, default=None,
                         help=f"Mooncake trace (default ../shared/traces/{TRACE_NAME})")
     parser.add_argument("--limit", type=int, default=None, help="first N trace requests (default all)")
@@ -67,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output-tokens", type=int, default=128)
     g.add_argument("--rate", type=float, default=20.0, help="Poisson arrivals per second")
     g.add_argument("--requests", type=int, default=3000)
+    m = parser.add_argument_group("mixed workload (also uses --output-tokens, --rate, --requests)")
+    m.add_argument("--long-fraction", type=float, default=0.1, help="share of long prompts")
+    m.add_argument("--long-tokens", type=int, default=8192)
+    m.add_argument("--short-tokens", type=int, default=128)
     c = parser.add_argument_group("cluster")
     c.add_argument("--workers", type=int, default=8)
     c.add_argument("--block-size", type=int, default=32)
@@ -77,11 +95,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="sim latency model: SimLatency defaults, or the fit to the real vLLM engine")
     c.add_argument("--calibration", type=pathlib.Path, default=None,
                    help="calibration JSON (implies --latency calibrated; default bench-results/calibration.json)")
+    kv = KVTransfer()
+    c.add_argument("--prefill-workers", type=int, default=0,
+                   help="P/D (sim): prefill-only workers; the rest of --workers decode "
+                        "(default 0: aggregated)")
+    c.add_argument("--decode-workers", type=int, default=None,
+                   help="P/D (sim): decode workers (default --workers minus --prefill-workers)")
+    c.add_argument("--kv-bandwidth-gbps", type=float, default=kv.bandwidth_gbps,
+                   help="P/D: KV pull bandwidth into a decode worker, gigabits/s (400 = 50 GB/s)")
+    c.add_argument("--kv-bytes-per-token", type=int, default=kv.bytes_per_token,
+                   help="P/D: KV bytes per token (default: Llama-3-8B bf16, 128 KiB)")
+    c.add_argument("--kv-latency-ms", type=float, default=kv.latency_s * 1e3,
+                   help="P/D: fixed latency of one KV pull")
     parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated")
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")
     parser.add_argument("--seed", type=int, default=0, help="workload and policy randomness")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/routing"))
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    live = parser.add_argument_group("live mode")
+    live.add_argument("--speedup", type=float, default=1.0,
+                      help="live: arrivals and sim latencies K times faster (results reported in trace time)")
+    live.add_argument("--log-dir", type=pathlib.Path, default=None,
+                      help="live: keep the processes' logs here (default: a temporary directory)")
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -101,6 +136,33 @@ def resolve_latency(args: argparse.Namespace) -> tuple[SimLatency, dict]:
     return lat, {"source": f"calibrated from {path} (real vLLM engine on this machine)", **dataclasses.asdict(lat)}
 
 
+def build_spec(args: argparse.Namespace, latency: SimLatency) -> ClusterSpec:
+    """The cluster: aggregated `--workers`, or P/D when `--prefill-workers`/`--decode-workers` are given."""
+    kv = KVTransfer(bytes_per_token=args.kv_bytes_per_token, bandwidth_gbps=args.kv_bandwidth_gbps,
+                    latency_s=args.kv_latency_ms / 1e3)
+    common = dict(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
+                  max_model_len=args.max_model_len, latency=latency, kv_transfer=kv)
+    if args.prefill_workers == 0 and args.decode_workers is None:
+        return ClusterSpec(workers=args.workers, **common)
+    decode = args.decode_workers if args.decode_workers is not None else args.workers - args.prefill_workers
+    if args.prefill_workers < 0 or decode < 1:
+        raise SystemExit(f"a P/D cluster needs >= 0 prefill and >= 1 decode workers "
+                         f"(got {args.prefill_workers} and {decode})")
+    return ClusterSpec(workers=0, prefill_workers=args.prefill_workers, decode_workers=decode, **common)
+
+
+def describe_cluster(spec: ClusterSpec) -> str:
+    if spec.prefill_workers or spec.decode_workers:
+        kv = spec.kv_transfer
+        shape = (f"P/D: {spec.prefill_workers} prefill + {spec.decode_workers} decode sim workers "
+                 f"(KV {kv.bytes_per_token / 1024:g} KiB/token at {kv.bandwidth_gbps:g} Gb/s + "
+                 f"{kv.latency_s * 1e3:g} ms)")
+    else:
+        shape = f"{spec.workers} sim workers"
+    return (f"{shape} x {spec.num_blocks} blocks of {spec.block_size} tokens, "
+            f"max_num_seqs {spec.max_num_seqs}")
+
+
 def build_workload(args: argparse.Namespace) -> tuple[list[WorkloadRequest], dict]:
     if args.workload == "trace":
         path = args.trace or default_trace()
@@ -109,6 +171,13 @@ def build_workload(args: argparse.Namespace) -> tuple[list[WorkloadRequest], dic
         requests = load_trace(path, limit=args.limit, time_scale=args.time_scale,
                               max_input_tokens=args.max_model_len)
         desc = {"workload": "trace", "trace": str(path), "limit": args.limit, "time_scale": args.time_scale}
+    elif args.workload == "mixed":
+        requests = long_short_mix(long_fraction=args.long_fraction, long_tokens=args.long_tokens,
+                                  short_tokens=args.short_tokens, output_tokens=args.output_tokens,
+                                  rate_per_s=args.rate, requests=args.requests, seed=args.seed)
+        desc = {"workload": "mixed", "long_fraction": args.long_fraction, "long_tokens": args.long_tokens,
+                "short_tokens": args.short_tokens, "output_tokens": args.output_tokens,
+                "rate_per_s": args.rate, "requests": args.requests, "seed": args.seed}
     else:
         requests = shared_prefix(tenants=args.tenants, prefix_tokens=args.prefix_tokens,
                                  suffix_tokens=args.suffix_tokens, output_tokens=args.output_tokens,
@@ -144,6 +213,26 @@ def run_policies(requests: list[WorkloadRequest], policies: list[str], spec: Clu
         progress(f"  {name:<13} done in {summary['wall_s']:.1f}s wall "
                  f"(p90 TTFT {summary['ttft_p90_s']:.3f}s, hit {summary['hit_rate']:.3f})")
     return out
+
+
+def pd_verdict(pd: dict[str, dict], aggregated: dict[str, dict]) -> dict:
+    """Issue 4's simulation target per policy: P/D ITL p99 <= 1/2 of aggregated's, same total workers."""
+    rows, lines = {}, []
+    for name in pd:
+        a, d = aggregated[name], pd[name]
+        ratio = d["itl_p99_s"] / a["itl_p99_s"] if a["itl_p99_s"] > 0 else math.nan
+        met = ratio <= PD_ITL_TARGET + 1e-12
+        rows[name] = {"aggregated_itl_p99_s": a["itl_p99_s"], "pd_itl_p99_s": d["itl_p99_s"],
+                      "itl_p99_ratio": ratio, "aggregated_tpot_p99_s": a["tpot_p99_s"],
+                      "pd_tpot_p99_s": d["tpot_p99_s"], "met": met}
+        lines.append(f"{name}: ITL p99 P/D {d['itl_p99_s'] * 1e3:.1f} ms vs aggregated "
+                     f"{a['itl_p99_s'] * 1e3:.1f} ms"
+                     f" -> ratio {ratio:.3f} (target <= {PD_ITL_TARGET}) {'MET' if met else 'NOT met'}; "
+                     f"TPOT p99 {d['tpot_p99_s'] * 1e3:.1f} vs {a['tpot_p99_s'] * 1e3:.1f} ms; "
+                     f"TTFT p90 {d['ttft_p90_s']:.3f}s vs {a['ttft_p90_s']:.3f}s; "
+                     f"decisions {json.dumps(d.get('pd_decisions', {}), sort_keys=True)}")
+    return {"target": f"P/D decode ITL p99 <= {PD_ITL_TARGET} x aggregated's (same total workers)",
+            "policies": rows, "met": all(r["met"] for r in rows.values()), "summary": "\n".join(lines)}
 
 
 def floor(requests: list[WorkloadRequest], latency: SimLatency, block_size: int) -> dict:
@@ -219,11 +308,14 @@ COLUMNS = [  # (header, key, format)
     ("p99", "ttft_p99_s", "{:.3f}"),
     ("E2E mean", "e2e_mean_s", "{:.2f}"),
     ("E2E p90", "e2e_p90_s", "{:.2f}"),
+    ("ITL p50", "itl_p50_s", "{:.4f}"),
+    ("ITL p99", "itl_p99_s", "{:.4f}"),
     ("out tok/s", "output_tok_per_s", "{:.0f}"),
     ("hit rate", "hit_rate", "{:.3f}"),
     ("imbalance", "imbalance", "{:.2f}"),
     ("SLO att.", "slo_attainment", "{:.3f}"),
     ("done", "completed", "{}"),
+    ("remote", "pd_remote", "{}"),
     ("wall s", "wall_s", "{:.1f}"),
 ]
 
@@ -231,7 +323,7 @@ COLUMNS = [  # (header, key, format)
 def format_table(results: dict[str, dict]) -> str:
     rows = [[h for h, _, _ in COLUMNS]]
     for name, s in results.items():
-        rows.append([name] + [fmt.format(s[key]) for _, key, fmt in COLUMNS[1:]])
+        rows.append([name] + [fmt.format(s.get(key, math.nan)) for _, key, fmt in COLUMNS[1:]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
@@ -269,44 +361,73 @@ def plot_cdf(results: dict[str, dict], path: pathlib.Path, slo_ttft_s: float, ti
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.mode == "live":
-        print("llm-mesh bench routing --mode live: not implemented yet (use --mode sim)")
-        return 2
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in ALL_POLICIES]
     if unknown or not policies:
         print(f"unknown policies {unknown}; known: {', '.join(ALL_POLICIES)}")
         return 2
     latency, latency_desc = resolve_latency(args)
-    spec = ClusterSpec(workers=args.workers, block_size=args.block_size, num_blocks=args.num_blocks,
-                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, latency=latency)
+    spec = build_spec(args, latency)
+    pd_cluster = spec.prefill_workers > 0
+    if (spec.prefill_workers or spec.decode_workers) and args.mode != "sim":
+        print("P/D topologies (--prefill-workers, --decode-workers) run in --mode sim only")
+        return 2
     requests, workload = build_workload(args)
     if not requests:
         print("empty workload")
         return 2
     print(f"workload: {json.dumps(workload)}")
-    print(f"cluster: {args.workers} sim workers x {args.num_blocks} blocks of {args.block_size} tokens, "
-          f"max_num_seqs {args.max_num_seqs}; latency: {latency_desc['source']}: "
+    print(f"cluster: {describe_cluster(spec)}; latency: {latency_desc['source']}: "
           f"prefill {latency.prefill_per_token_s * 1e3:.3g} ms/token + {latency.step_overhead_s * 1e3:.3g} ms, "
           f"ITL {latency.itl_s * 1e3:.3g} ms x (1 + {latency.batch_slowdown:.3g} (batch - 1))")
     print(f"policies: {', '.join(policies)}; TTFT SLO {args.slo_ttft}s")
-    results = run_policies(requests, policies, spec, slo_ttft_s=args.slo_ttft, seed=args.seed)
+    if args.mode == "live":
+        from services.bench.live import LiveOptions, run_live
+        from services.model_fetch import DEFAULT_MODEL_NAME
+
+        if args.speedup <= 0:
+            print("--speedup must be > 0")
+            return 2
+        print(f"live: {args.workers} sim worker processes + a scheduler process per policy, real etcd and gRPC; "
+              f"speedup {args.speedup:g}x (latencies below are in trace time)")
+        results = run_live(requests, policies, spec, slo_ttft_s=args.slo_ttft, model=DEFAULT_MODEL_NAME,
+                           options=LiveOptions(speedup=args.speedup, log_dir=args.log_dir))
+    else:
+        results = run_policies(requests, policies, spec, slo_ttft_s=args.slo_ttft, seed=args.seed)
+    baseline, pd_v = None, None
+    if pd_cluster:  # the same requests on the aggregated cluster of the same size
+        aggregated = dataclasses.replace(spec, workers=spec.total_workers, prefill_workers=0,
+                                         decode_workers=0)
+        print(f"baseline: {describe_cluster(aggregated)}")
+        baseline = run_policies(requests, policies, aggregated, slo_ttft_s=args.slo_ttft, seed=args.seed)
+        pd_v = pd_verdict(results, baseline)
     v = verdict(results, args.slo_ttft)
     bounds = floor(requests, latency, args.block_size)
     print()
+    if baseline is not None:
+        print(f"aggregated ({spec.total_workers} workers):")
+        print(format_table(baseline))
+        print(f"\nP/D ({spec.prefill_workers} prefill + {spec.decode_workers} decode):")
     print(format_table(results))
     print(f"routing-independent bounds (each request alone on an idle worker): p90 TTFT "
           f"{bounds['no_cache_ttft_p90_s']:.3f}s with no cache, {bounds['ideal_ttft_p90_s']:.3f}s with every "
           f"earlier prefix cached (infinite KV: hit rate {bounds['ideal_hit_rate']:.3f})")
     print()
     print(v["summary"])
+    if pd_v is not None:
+        print()
+        print(pd_v["summary"])
+        print("issue 4 sim target (ITL p99) " + ("MET" if pd_v["met"] else "NOT met") + " on this run")
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "mode": "sim (discrete-event, simulated time)",
+        "mode": ("sim (discrete-event, simulated time)" if args.mode == "sim" else
+                 f"live (real processes, wall clock, speedup {args.speedup:g}x, latencies in trace time)"),
         "workload": workload,
-        "cluster": {"workers": args.workers, "block_size": args.block_size, "num_blocks": args.num_blocks,
-                    "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len},
+        "cluster": {"workers": spec.workers, "prefill_workers": spec.prefill_workers,
+                    "decode_workers": spec.decode_workers, "block_size": args.block_size,
+                    "num_blocks": args.num_blocks, "max_num_seqs": args.max_num_seqs,
+                    "max_model_len": args.max_model_len, "kv_transfer": dataclasses.asdict(spec.kv_transfer)},
         "latency": latency_desc,
         "slo_ttft_s": args.slo_ttft,
         "seed": args.seed,
@@ -314,12 +435,16 @@ def run(args: argparse.Namespace) -> int:
         "verdict": v,
         "bounds": bounds,
     }
+    if baseline is not None:
+        report["aggregated_baseline"] = {k: {kk: vv for kk, vv in s.items() if kk != "ttfts"}
+                                         for k, s in baseline.items()}
+        report["pd_verdict"] = pd_v
     json_path = args.out / "routing.json"
     json_path.write_text(json.dumps(_finite(report), indent=2, default=str))
     print(f"\nwrote {json_path}")
     if not args.no_plot:
         png = args.out / "ttft_cdf.png"
-        title = (f"TTFT CDF — {workload['workload']}, {len(requests)} requests, {args.workers} workers, "
+        title = (f"TTFT CDF — {workload['workload']}, {len(requests)} requests, {spec.total_workers} workers, "
                  f"latency {'calibrated' if 'calibrated' in latency_desc['source'] else 'default'}")
         plot_cdf(results, png, args.slo_ttft, title)
         print(f"wrote {png}")

@@ -1,5 +1,5 @@
-"""Workloads for the routing benchmark: the Mooncake conversation trace and a
-synthetic shared-prefix multi-tenant generator, in one shape.
+"""Workloads for the routing benchmark: the Mooncake conversation trace, a
+synthetic shared-prefix multi-tenant generator and a long/short prompt mix, in one shape.
 
 A request is described by `chunk_ids`: one id per `chunk_tokens`-token piece of
 its prompt (the trace's `hash_ids`, 512 tokens each). Equal ids at equal
@@ -92,4 +92,25 @@ def shared_prefix(tenants: int = 150, prefix_tokens: int = 6144, suffix_tokens: 
         ids += tuple(range(next_unique, next_unique + suffix_chunks))
         next_unique += suffix_chunks
         out.append(WorkloadRequest(t, ids, prefix_tokens + suffix_tokens, output_tokens, f"tenant-{tenant}"))
+    return out
+
+
+def long_short_mix(long_fraction: float = 0.1, long_tokens: int = 8192, short_tokens: int = 128,
+                   output_tokens: int = 128, rate_per_s: float = 20.0, requests: int = 3000,
+                   seed: int = 0) -> list[WorkloadRequest]:
+    """Short chat turns with document-sized prompts mixed in (the P/D case): each request is
+    long with probability `long_fraction`; every prompt is unique (no shared prefix, so the
+    prefill work is all real); Poisson arrivals."""
+    if not 0 <= long_fraction <= 1:
+        raise ValueError(f"long_fraction must be in [0, 1], got {long_fraction}")
+    rng = random.Random(seed)
+    next_chunk = 0
+    t = 0.0
+    out = []
+    for _ in range(requests):
+        t += rng.expovariate(rate_per_s)
+        n = long_tokens if rng.random() < long_fraction else short_tokens
+        chunks = -(-n // CHUNK_TOKENS)
+        out.append(WorkloadRequest(t, tuple(range(next_chunk, next_chunk + chunks)), n, output_tokens))
+        next_chunk += chunks
     return out

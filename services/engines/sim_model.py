@@ -36,6 +36,25 @@ KV cache (`BlockPool`, after vllm/v1/core/block_pool.py):
   preempted (blocks freed, back to the front of the waiting queue; it resumes
   by prefilling prompt + generated tokens, mostly cache hits).
 
+So a prefill step stalls every running decode on the engine for its whole
+duration (mixed prefill/decode batches are not modelled): the ITL tail that
+prefill/decode disaggregation removes.
+
+Remote prefill (P/D, `add_request(..., remote_kv=True)`, after vLLM's
+NixlConnector on the decode side): the prompt's KV was computed on a prefill
+engine. At admission (same FIFO queue, a sequence slot and the blocks for the
+whole prompt) the engine takes its own cached leading blocks, allocates the
+rest and pulls their KV (`KVTransfer`: fixed latency + bytes / bandwidth; pulls
+into one engine share its link in FIFO order, the latency overlaps). The
+request holds its blocks and a slot meanwhile and counts as waiting; when the
+pull lands, the pulled blocks are keyed (BlockStored, as vLLM caches received
+blocks) and the request joins the next decode step, which recomputes the last
+prompt token and samples the first output token. It runs no prefill step: the
+engine computes none of its prompt (`SimStats.prefill_computed_tokens`). A
+remote request that is preempted later recomputes locally, as in vLLM. (The
+prefill engine frees its copy when its one token is out; vLLM holds it until
+the pull is done, a few ms: not modelled.)
+
 Tokens are real ids of the vocabulary, never a special one, and a pure
 function of (request key, position): the request key is the prompt alone for
 greedy requests (temperature 0), else (seed, prompt) when a seed is given,
@@ -81,6 +100,29 @@ class SimLatency:
 
 
 @dataclasses.dataclass(frozen=True)
+class KVTransfer:
+    """How long pulling a remote prefill's KV takes: `latency_s + tokens × bytes_per_token / bandwidth`.
+
+    Defaults: Llama-3-8B in bf16 (32 layers × 8 KV heads × 128 dims × K and V × 2 bytes =
+    128 KiB per token) over a 400 Gb/s RDMA NIC (50 GB/s), so an 8k-token prompt (1 GiB) takes
+    ~22 ms against ~0.8 s to prefill it; the fixed latency stands for the pull's handshake and
+    completion notification.
+    """
+
+    bytes_per_token: int = 128 * 1024
+    bandwidth_gbps: float = 400.0  # gigabits per second, NIC convention
+    latency_s: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_token < 0 or self.bandwidth_gbps <= 0 or self.latency_s < 0:
+            raise ValueError("bytes_per_token and latency_s must be >= 0 and bandwidth_gbps > 0")
+
+    def wire_time(self, tokens: int) -> float:
+        """Seconds the link is busy moving `tokens` tokens of KV (no fixed latency)."""
+        return tokens * self.bytes_per_token * 8 / (self.bandwidth_gbps * 1e9)
+
+
+@dataclasses.dataclass(frozen=True)
 class SimConfig:
     """Sizes and behaviour of one simulated engine."""
 
@@ -99,6 +141,7 @@ class SimConfig:
     eos_probability: float = 0.0
     hash_seed: str = DEFAULT_SEED
     latency: SimLatency = SimLatency()
+    kv_transfer: KVTransfer = KVTransfer()  # pulls of remote prefills' KV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +194,10 @@ class SimStats:
 
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # first admission only, like vLLM's num_cached_tokens
+    prefill_computed_tokens: int = 0  # tokens run through prefill steps (recomputation included)
+    remote_prefills: int = 0  # requests admitted with their KV pulled from a prefill engine
+    kv_pulled_tokens: int = 0
+    kv_pulled_bytes: int = 0
     generated_tokens: int = 0
     prefill_steps: int = 0
     decode_steps: int = 0
@@ -288,6 +335,7 @@ class BlockPool:
 
 class _State(enum.Enum):
     WAITING = "waiting"
+    RECEIVING = "receiving"  # remote KV being pulled; holds its blocks and a slot
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -302,6 +350,8 @@ class _Seq:
     blocks: list[int] = dataclasses.field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks already keyed in the pool
     cached_prompt_tokens: int | None = None  # set at first admission
+    remote_kv: bool = False  # its prompt's KV is pulled from a prefill engine, not computed
+    kv_ready_at: float = 0.0  # RECEIVING: when the pull lands
 
     @property
     def prompt_len(self) -> int:
@@ -335,6 +385,9 @@ class SimModel:
         self._seqs: dict[str, _Seq] = {}
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []  # admission order: the tail is preempted first
+        self._receiving: list[_Seq] = []  # remote KV pulls in flight
+        self._link_free_at = 0.0  # the KV link is busy with earlier pulls until then
+        self._wake_at: float | None = None  # idle with pulls in flight: the next landing
         self._step: _Step | None = None
         self._clock = 0.0  # the model has been run up to here
         self._outbox: list[SimOutput] = []
@@ -348,11 +401,14 @@ class SimModel:
                           kv_blocks_total=c.num_blocks, max_num_seqs=c.max_num_seqs)
 
     def load(self) -> EngineLoad:
-        return EngineLoad(running=len(self._running), waiting=len(self._waiting),
+        return EngineLoad(running=len(self._running), waiting=len(self._waiting) + len(self._receiving),
                           kv_cache_usage=self.pool.usage(), generated_tokens=self.stats.generated_tokens)
 
-    def add_request(self, request: EngineRequest, now: float) -> None:
-        """Queue a request arriving at `now`; ValueError if it can never run."""
+    def add_request(self, request: EngineRequest, now: float, *, remote_kv: bool = False) -> None:
+        """Queue a request arriving at `now`; ValueError if it can never run.
+
+        `remote_kv`: its prompt was prefilled on another engine; this one pulls the KV it
+        lacks and only decodes (the module docstring's "Remote prefill")."""
         c = self.config
         if request.request_id in self._seqs:
             raise ValueError(f"request {request.request_id!r} is already running")
@@ -366,9 +422,11 @@ class SimModel:
         if math.ceil(total / c.block_size) > c.num_blocks:
             raise ValueError(f"{total} tokens need more than the {c.num_blocks} KV blocks")
         self._run_until(now, inclusive=False)
-        seq = _Seq(request, self.vocab.request_key(request), prompt, self.hasher.hash_blocks(prompt))
+        seq = _Seq(request, self.vocab.request_key(request), prompt, self.hasher.hash_blocks(prompt),
+                   remote_kv=remote_kv)
         self._seqs[request.request_id] = seq
         self._waiting.append(seq)
+        self._wake_at = None
         self.stats.prompt_tokens += len(prompt)
 
     def finish(self, request_id: str, now: float) -> bool:
@@ -381,6 +439,8 @@ class SimModel:
             return False
         if seq.state is _State.WAITING:
             self._waiting.remove(seq)
+        elif seq.state is _State.RECEIVING:
+            self._receiving.remove(seq)
         else:
             self._running.remove(seq)
         self._release(seq)
@@ -398,8 +458,8 @@ class SimModel:
         """When `advance` has something to do next; None when idle."""
         if self._step is not None:
             return self._step.end
-        if self._waiting or self._running:
-            return self._clock
+        if self._waiting or self._running or self._receiving:
+            return self._wake_at if self._wake_at is not None else self._clock
         return None
 
     def reset_prefix_cache(self) -> bool:
@@ -420,12 +480,21 @@ class SimModel:
 
         while True:
             if self._step is None:
-                if not (self._waiting or self._running) or not due(self._clock):
+                if not (self._waiting or self._running or self._receiving) or not due(self._clock):
                     break
                 # Work-conserving: a step starts as soon as the last one ends or work arrives.
-                self._step = self._form_step(self._clock)
-                # add_request rejects what could never be admitted into an idle engine.
-                assert self._step is not None, "idle engine with a request it cannot admit"
+                step = self._form_step(self._clock)
+                if step is None:
+                    # add_request rejects what could never be admitted into an idle engine, so
+                    # only pulls in flight can leave it idle: sleep until the first lands.
+                    assert self._receiving, "idle engine with a request it cannot admit"
+                    landing = min(s.kv_ready_at for s in self._receiving)
+                    if not due(landing):
+                        self._wake_at = landing
+                        break
+                    self._clock = landing
+                    continue
+                self._step, self._wake_at = step, None
             if not due(self._step.end):
                 break
             step, self._step = self._step, None
@@ -434,9 +503,11 @@ class SimModel:
         self._clock = max(self._clock, t)
 
     def _form_step(self, start: float) -> _Step | None:
-        admitted, uncached = self._admit()
+        self._land_pulls(start)
+        admitted, uncached = self._admit(start)
         if admitted:
             self.stats.prefill_steps += 1
+            self.stats.prefill_computed_tokens += uncached
             return _Step(True, start, start + self.config.latency.prefill_time(uncached), admitted)
         if not self._running:
             return None
@@ -444,34 +515,62 @@ class SimModel:
         self.stats.decode_steps += 1
         return _Step(False, start, start + self.config.latency.decode_time(len(batch)), batch)
 
-    def _admit(self) -> tuple[list[_Seq], int]:
+    def _admit(self, now: float) -> tuple[list[_Seq], int]:
+        """Admit from the head of the queue: local prefills (returned, with their uncached
+        tokens) for this step, remote ones straight into RECEIVING (their pull starts now)."""
         c, bs = self.config, self.config.block_size
         admitted: list[_Seq] = []
         total_uncached = 0
-        while self._waiting and len(self._running) < c.max_num_seqs:
+        while self._waiting and len(self._running) + len(self._receiving) < c.max_num_seqs:
             seq = self._waiting[0]
             n = len(seq.tokens)
-            hit = self.pool.longest_hit(seq.block_hashes[:(n - 1) // bs])
+            # A local prefill must compute its last token (its logits); a remote one has all its KV.
+            hit = self.pool.longest_hit(seq.block_hashes[:n // bs if seq.remote_kv else (n - 1) // bs])
             new_blocks = math.ceil(n / bs) - len(hit)
             # Hit blocks that sit in the free queue stop being allocatable once touched.
             if new_blocks > self.pool.num_free - self.pool.num_unreferenced(hit):
                 break
             uncached = n - len(hit) * bs
-            if admitted and total_uncached + uncached > c.max_prefill_tokens:
+            if not seq.remote_kv and admitted and total_uncached + uncached > c.max_prefill_tokens:
                 break
             self._waiting.popleft()
             self.pool.touch(hit)
             seq.blocks = hit + self.pool.allocate(new_blocks)
             seq.num_cached_blocks = len(hit)
-            seq.state = _State.RUNNING
             if seq.cached_prompt_tokens is None:
                 seq.cached_prompt_tokens = len(hit) * bs
                 self.stats.cached_prompt_tokens += seq.cached_prompt_tokens
+            if seq.remote_kv:
+                self._start_pull(seq, uncached, now)
+                continue
+            seq.state = _State.RUNNING
             self._cache_full_blocks(seq)
             self._running.append(seq)
             admitted.append(seq)
             total_uncached += uncached
         return admitted, total_uncached
+
+    def _start_pull(self, seq: _Seq, tokens: int, now: float) -> None:
+        transfer = self.config.kv_transfer
+        start = max(now, self._link_free_at)
+        self._link_free_at = start + transfer.wire_time(tokens)
+        seq.kv_ready_at = self._link_free_at + transfer.latency_s
+        seq.state = _State.RECEIVING
+        self._receiving.append(seq)
+        self.stats.remote_prefills += 1
+        self.stats.kv_pulled_tokens += tokens
+        self.stats.kv_pulled_bytes += tokens * transfer.bytes_per_token
+
+    def _land_pulls(self, now: float) -> None:
+        """Pulls done by `now`: their blocks are keyed and they join the running batch."""
+        if not self._receiving:
+            return
+        landed = [s for s in self._receiving if s.kv_ready_at <= now]
+        for seq in sorted(landed, key=lambda s: s.kv_ready_at):
+            self._receiving.remove(seq)
+            seq.state = _State.RUNNING
+            self._cache_full_blocks(seq)
+            self._running.append(seq)
 
     def _schedule_decode(self) -> list[_Seq]:
         """Give every running request the block for the token it feeds; preempt if short."""
@@ -494,6 +593,7 @@ class SimModel:
         self.pool.free(seq.blocks)
         seq.blocks, seq.num_cached_blocks = [], 0
         seq.state = _State.WAITING
+        seq.remote_kv = False  # its pulled KV is gone: it recomputes, as vLLM does
         self._waiting.appendleft(seq)
         self.stats.preemptions += 1
 

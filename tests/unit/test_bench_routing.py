@@ -98,11 +98,6 @@ def test_verdict_states_the_target_plainly() -> None:
     assert not v["met"] and not v["p90_met"] and v["hit_met"] and "NOT met" in v["summary"]
 
 
-def test_live_mode_is_not_faked(tmp_path: pathlib.Path, capsys) -> None:
-    assert _bench(["--mode", "live", "--out", str(tmp_path)]) == 2
-    assert "not implemented" in capsys.readouterr().out
-
-
 def test_router_hashes_match_engine_and_sharing_them_changes_nothing() -> None:
     from scheduler.framework import RequestView
     from scheduler.policies import policy_by_name

@@ -1,0 +1,183 @@
+"""Live mode of `llm-mesh bench routing`: the same workload through real processes.
+
+Per policy, a fresh mesh: `--workers` sim worker processes (wall-clock
+latencies) and one scheduler process running that policy, on one real etcd
+that all policies share. The client replays the workload over the public gRPC
+`Inference.Generate` (token ids in, so prompts are exactly the trace's), each
+request sent at its arrival time. So everything a real deployment pays is in
+the numbers: gRPC hops, the KV-event stream's delay, etcd membership, the
+scheduler's decision time under load.
+
+Time compression (`--speedup K`): arrivals come K times faster and every sim
+latency is K times shorter, so the cluster sits at the same operating point in
+1/K of the wall time. The report gives latencies back in trace time (measured
+× K): the router's own overhead therefore counts K times over, which makes
+the live numbers a conservative view of the router.
+
+Caches start empty for every policy (fresh workers), as in sim mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import pathlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from services.bench.des import ClusterSpec, RequestResult, summarize
+from services.bench.workload import WorkloadRequest, prompt_tokens
+from services.etcd_server import EtcdServer
+from services.procs import Child, free_port, grpc_serving
+
+READY_TIMEOUT_S = 120.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveOptions:
+    speedup: float = 1.0
+    # Streams in flight at once; arrivals beyond it wait (and their TTFT grows):
+    # bounds the client's own memory, never reached at sane loads.
+    max_in_flight: int = 2048
+    log_dir: pathlib.Path | None = None
+
+
+def worker_argv(spec: ClusterSpec, speedup: float) -> list[str]:
+    """A sim worker shaped like one engine of `spec`, its latencies divided by `speedup`."""
+    lat = spec.latency
+    return ["--engine", "sim", "--block-size", str(spec.block_size), "--max-num-seqs", str(spec.max_num_seqs),
+            "--max-model-len", str(spec.max_model_len), "--sim-num-blocks", str(spec.num_blocks),
+            # One step may prefill a whole prompt, as in sim mode (des.simulate).
+            "--sim-max-prefill-tokens", str(spec.max_model_len), "--sim-eos-probability", "0",
+            "--sim-prefill-per-token", repr(lat.prefill_per_token_s / speedup),
+            "--sim-step-overhead", repr(lat.step_overhead_s / speedup),
+            "--sim-itl", repr(lat.itl_s / speedup), "--sim-batch-slowdown", repr(lat.batch_slowdown)]
+
+
+@contextlib.contextmanager
+def live_mesh(etcd: str, policy: str, spec: ClusterSpec, speedup: float, log_dir: pathlib.Path
+              ) -> Iterator[str]:
+    """Sim workers and a scheduler running `policy`; yields the scheduler's address. Stops them by pid."""
+    children: list[Child] = []
+    try:
+        addresses = []
+        for _ in range(spec.workers):
+            port = free_port()
+            child = Child.llm_mesh(f"{policy}-worker-{port}", ["worker", "--port", str(port), "--etcd", etcd,
+                                                               *worker_argv(spec, speedup)], log_dir)
+            child.start()
+            children.append(child)
+            addresses.append(f"127.0.0.1:{port}")
+        for child, address in zip(children, addresses):
+            child.wait_ready(lambda a=address: grpc_serving(a), READY_TIMEOUT_S)
+        port = free_port()
+        scheduler = Child.llm_mesh(f"{policy}-scheduler", ["scheduler", "--port", str(port), "--etcd", etcd,
+                                                           "--policy", policy], log_dir)
+        scheduler.start()
+        children.append(scheduler)
+        address = f"127.0.0.1:{port}"
+        scheduler.wait_ready(lambda: grpc_serving(address), READY_TIMEOUT_S)
+        yield address
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+async def wait_for_workers(address: str, count: int, timeout_s: float = 30.0) -> None:
+    """Until the scheduler sees all `count` workers (etcd watch) and their KV streams are up."""
+    from llm_mesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        while True:
+            reply = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)
+            if len(reply.workers) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"scheduler sees {len(reply.workers)} of {count} workers")
+            await asyncio.sleep(0.2)
+
+
+async def replay(address: str, requests: list[WorkloadRequest], prompts: list[list[int]], model: str,
+                 options: LiveOptions) -> tuple[list[RequestResult], float, int]:
+    """Send every request at its (compressed) arrival time; returns (results in trace time, duration in
+    trace time, failed count). A failed request keeps finish_s None: it counts against the policy."""
+    from llm_mesh.v1 import inference_pb2, inference_pb2_grpc, sampling_pb2
+
+    k = options.speedup
+    results = [RequestResult(r.arrival_s, "", r.input_tokens, r.output_tokens) for r in requests]
+    failures = 0
+    gate = asyncio.Semaphore(options.max_in_flight)
+    t0_trace = requests[0].arrival_s
+    options_ = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(address, options=options_) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        start = time.monotonic()
+
+        def trace_now() -> float:  # wall clock mapped to trace time
+            return t0_trace + (time.monotonic() - start) * k
+
+        async def one(i: int) -> None:
+            nonlocal failures
+            r, out = requests[i], results[i]
+            async with gate:
+                request = inference_pb2.GenerateRequest(
+                    model=model, token_ids=inference_pb2.TokenIds(ids=prompts[i]),
+                    session_id=r.session_id,
+                    sampling=sampling_pb2.SamplingParams(max_tokens=r.output_tokens, temperature=0,
+                                                         ignore_eos=True))
+                try:
+                    async for response in stub.Generate(request):
+                        if out.first_token_s is None and response.token_ids:
+                            out.first_token_s = trace_now()
+                            out.worker = response.worker_id
+                        if response.HasField("usage"):
+                            out.cached_tokens = response.usage.cached_prompt_tokens
+                    out.finish_s = trace_now()
+                except grpc.aio.AioRpcError:
+                    failures += 1
+                    out.first_token_s = out.finish_s = None
+
+        tasks = []
+        for i, r in enumerate(requests):
+            delay = (r.arrival_s - t0_trace) / k - (time.monotonic() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        duration = (time.monotonic() - start) * k
+    return results, duration, failures
+
+
+def run_live(requests: list[WorkloadRequest], policies: list[str], spec: ClusterSpec, *, slo_ttft_s: float,
+             options: LiveOptions, model: str, progress: Callable[[str], None] = print) -> dict[str, dict]:
+    """Each policy on its own fresh live mesh, the same requests; summaries as in sim mode."""
+    prompts = [prompt_tokens(r) for r in requests]
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="llm-mesh-live-") as tmp:
+        log_dir = options.log_dir or pathlib.Path(tmp) / "logs"
+        etcd_server = EtcdServer(pathlib.Path(tmp) / "etcd", free_port(), free_port(), log_path=log_dir / "etcd.log")
+        etcd_server.start()
+        try:
+            for name in policies:
+                t0 = time.perf_counter()
+                with live_mesh(etcd_server.endpoint, name, spec, options.speedup, log_dir) as address:
+                    asyncio.run(wait_for_workers(address, spec.workers))
+                    started = time.perf_counter()
+                    results, duration, failures = asyncio.run(replay(address, requests, prompts, model, options))
+                    replay_wall = time.perf_counter() - started
+                summary = summarize(results, slo_ttft_s, duration)
+                summary |= {"ttfts": sorted(r.ttft for r in results), "failed": failures,
+                            "wall_s": time.perf_counter() - t0, "replay_wall_s": replay_wall}
+                out[name] = summary
+                progress(f"  {name:<13} done in {summary['wall_s']:.1f}s wall "
+                         f"(p90 TTFT {summary['ttft_p90_s']:.3f}s, hit {summary['hit_rate']:.3f}, "
+                         f"{failures} failed)")
+        finally:
+            etcd_server.stop()
+    return out
