@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[test]'
+	@# vLLM's NixlConnector imports `nixl._api` from the `nixl` meta wheel, which
+	@# lists nixl-cu12 AND nixl-cu13 as hard deps: install it alone (nixl-cu12,
+	@# the real library, comes from pyproject.toml; see the comment there).
+	$(PY) -m pip install --no-deps nixl==1.5.1
 	@# Beside the CPU torch these break `import transformers` (DESIGN.md).
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)

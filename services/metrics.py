@@ -9,6 +9,10 @@ Prefix cache (engine-reported hits of the requests this replica routed, and what
 - llm_mesh_cached_prompt_tokens_total                 hits the engines reported (usage.cached_prompt_tokens)
 - llm_mesh_predicted_cached_prompt_tokens_total       hits the index predicted at the chosen worker
 - llm_mesh_prefix_cache_hit_ratio                     cached / prompt tokens since start
+Prefill/decode (scheduler/disagg.py):
+- llm_mesh_pd_decisions_total{rule}                   remote | below-threshold | no-prefill-worker | prefill-pool-overloaded | unrouted
+- llm_mesh_pd_prefill_seconds                         remote prefill legs (dispatch → KV location back)
+- llm_mesh_pd_prefill_fallbacks_total                 remote prefills that failed or timed out: prefilled locally instead
 KV index:
 - llm_mesh_kv_index_entries, llm_mesh_kv_events_applied_total, llm_mesh_kv_event_resyncs_total
 
@@ -29,6 +33,7 @@ from scheduler.framework import Decision
 # Decisions take 0.1–1 ms; stages a few µs to a few hundred.
 _DECISION_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 _STAGE_BUCKETS = (1e-6, 5e-6, 2e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+_PREFILL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class SchedulerMetrics:
@@ -49,6 +54,20 @@ class SchedulerMetrics:
         self._totals = [0, 0]  # prompt, cached: for the ratio gauge
         self.hit_ratio = Gauge("llm_mesh_prefix_cache_hit_ratio", "Cached / prompt tokens since start", registry=r)
         self.hit_ratio.set_function(lambda: self._totals[1] / self._totals[0] if self._totals[0] else 0.0)
+        self.pd_decisions = Counter("llm_mesh_pd_decisions", "Prefill/decode decisions", ["rule"], registry=r)
+        self.pd_prefill_seconds = Histogram("llm_mesh_pd_prefill_seconds", "Remote prefill legs",
+                                            buckets=_PREFILL_BUCKETS, registry=r)
+        self.pd_fallbacks = Counter("llm_mesh_pd_prefill_fallbacks",
+                                    "Remote prefills that failed or timed out (prefilled locally)", registry=r)
+
+    def disaggregated(self, rule: str) -> None:
+        self.pd_decisions.labels(rule).inc()
+
+    def prefilled_remotely(self, seconds: float) -> None:
+        self.pd_prefill_seconds.observe(seconds)
+
+    def prefill_fallback(self) -> None:
+        self.pd_fallbacks.inc()
 
     def decided(self, decision: Decision) -> None:
         policy = decision.policy

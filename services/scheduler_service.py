@@ -4,6 +4,13 @@ Per request: validate and tokenize once (services.requests), pick a worker
 (scheduler.policies over the KV block index), stream Worker.Generate back. The client's deadline becomes
 the worker call's deadline; a client that goes away cancels the worker call,
 which aborts the engine request.
+
+Prefill/decode (scheduler/disagg.py decides): the decode worker is chosen
+first; a remote prefill runs Worker.Generate on the prefill worker with
+remote_decode (one token, discarded: the decode leg samples the first token
+again from the pulled KV), and the decode leg gets the KV's location in
+remote_prefill. A prefill leg that fails or outlasts `--prefill-timeout`
+falls back to prefilling on the decode worker: the request still succeeds.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import grpc
 from llm_mesh.v1 import (
     inference_pb2, inference_pb2_grpc, membership_pb2, sampling_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2,
 )
-from scheduler.framework import Decision, Policy, RequestView
+from scheduler.disagg import DisaggDecision, Disaggregator
+from scheduler.framework import Policy, RequestView
 from scheduler.index import BlockIndex
 from scheduler.policies import POLICY_NAMES, policy_by_name
 from scheduler.profile import load_profile
@@ -37,6 +45,9 @@ from services.tokenizer import ModelTokenizer
 from services.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
+
+# A prefill leg longer than this is given up: the decode worker prefills instead.
+DEFAULT_PREFILL_TIMEOUT_S = 30.0
 
 SERVICE_NAMES = [
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -53,10 +64,13 @@ class Router:
     """
 
     def __init__(self, pool: WorkerPool, tokenizers: dict[str, ModelTokenizer], policy: Policy,
-                 metrics: SchedulerMetrics | None = None) -> None:
+                 metrics: SchedulerMetrics | None = None, prefill_timeout_s: float = DEFAULT_PREFILL_TIMEOUT_S
+                 ) -> None:
         self.pool = pool
         self.tokenizers = tokenizers
         self.policy = policy
+        self.disagg = Disaggregator(policy)
+        self.prefill_timeout_s = prefill_timeout_s
         self.index = BlockIndex()
         self.kv_events = KVEventSubscriber(pool.directory, self.index)
         self.metrics = metrics or SchedulerMetrics()
@@ -73,24 +87,31 @@ class Router:
     def prepare(self, request: inference_pb2.GenerateRequest, default_max_tokens: int | None = None) -> PreparedRequest:
         return prepare(request, self.pool.models(), self.tokenizers, default_max_tokens)
 
-    def decide(self, prepared: PreparedRequest, dry_run: bool = False) -> Decision:
-        """Hash the prompt as the engines do and let the policy pick a worker."""
+    def decide(self, prepared: PreparedRequest, dry_run: bool = False) -> DisaggDecision:
+        """Hash the prompt as the engines do; the policy picks the decode worker, the P/D rule
+        where the prompt is prefilled (on that worker unless a prefill worker is worth it)."""
         block_size = self.pool.block_size(prepared.model) or 16
         view = RequestView.from_tokens(
             prepared.model, prepared.prompt_token_ids, block_size, session_id=prepared.session_id,
             request_id=prepared.request_id, max_tokens=prepared.sampling.max_tokens, now=time.monotonic())
-        return self.policy.decide(view, self.pool.states(), self.index, dry_run=dry_run)
+        return self.disagg.decide(view, self.pool.states(), self.index, dry_run=dry_run)
 
     async def run(self, prepared: PreparedRequest, context: grpc.aio.ServicerContext
                   ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        decision = self.decide(prepared)
+        pd = self.decide(prepared)
+        decision = pd.decode
         self.metrics.decided(decision)
+        self.metrics.disaggregated(pd.rule)
         worker = self.pool.workers.get(decision.worker_id) if decision.worker_id else None
         if worker is None:
             reason = decision.reason or f"no live worker serves {prepared.model!r}"
             raise RpcError(grpc.StatusCode.UNAVAILABLE, reason, retry_after_s=1.0)
-        # No await between decide and start: the next decision must see this one.
-        ticket = worker.state.start(decision.prefill_tokens, decision.request_blocks)
+        prefill_worker = self.pool.workers.get(pd.prefill.worker_id) if pd.prefill is not None else None
+        # No await between decide and start: the next decision must see this one (both legs).
+        ticket = worker.state.start(pd.decode_prefill_tokens if prefill_worker else decision.prefill_tokens,
+                                    decision.request_blocks)
+        prefill_ticket = (prefill_worker.state.start(pd.prefill.prefill_tokens, pd.prefill.request_blocks)
+                          if prefill_worker is not None else None)
         dispatched = time.monotonic()
         worker_request = worker_pb2.WorkerGenerateRequest(
             request_id=f"{prepared.request_id}-{secrets.token_hex(4)}",
@@ -98,6 +119,10 @@ class Router:
             sampling=prepared.sampling,
             model=prepared.model,
         )
+        if prefill_worker is not None:
+            kv = await self._prefill(prefill_worker, prefill_ticket, prepared, worker_request.request_id, context)
+            if kv is not None:
+                worker_request.remote_prefill.CopyFrom(kv)
         call = worker.stub.Generate(worker_request, timeout=context.time_remaining())
         first, completed = True, False
         try:
@@ -120,6 +145,46 @@ class Router:
         finally:
             ticket.finish(time.monotonic() - dispatched, completed=completed)
             call.cancel()  # no-op when finished; aborts the engine request when we are cancelled
+
+    async def _prefill(self, worker, ticket, prepared: PreparedRequest, decode_request_id: str,
+                       context: grpc.aio.ServicerContext) -> worker_pb2.KVTransferParams | None:
+        """The prefill leg on `worker`: where its KV waits, or None to prefill on the decode worker.
+
+        A client that cancels or whose deadline passes ends the request (the cancel reaches the
+        prefill engine, which frees its blocks); any other failure, or a leg longer than
+        prefill_timeout_s, falls back to a local prefill."""
+        sampling = sampling_pb2.SamplingParams()
+        sampling.CopyFrom(prepared.sampling)
+        sampling.max_tokens = 1
+        request = worker_pb2.WorkerGenerateRequest(
+            request_id=f"{decode_request_id}-prefill", prompt_token_ids=prepared.prompt_token_ids,
+            sampling=sampling, model=prepared.model, remote_decode=True)
+        remaining = context.time_remaining()
+        timeout = self.prefill_timeout_s if remaining is None else min(remaining, self.prefill_timeout_s)
+        started = time.monotonic()
+        call = worker.stub.Generate(request, timeout=timeout)
+        kv, failure = None, "no kv_transfer in the prefill leg's reply"
+        try:
+            async for out in call:
+                if out.HasField("kv_transfer"):
+                    kv = out.kv_transfer
+        except grpc.aio.AioRpcError as exc:
+            client_left = context.time_remaining() is not None and context.time_remaining() <= 0
+            if exc.code() == grpc.StatusCode.CANCELLED or client_left:
+                raise _from_worker_error(exc, worker.state.worker_id) from exc
+            failure = f"{exc.code().name}: {exc.details()}"
+        finally:
+            elapsed = time.monotonic() - started
+            if kv is not None:
+                ticket.first_token(elapsed)
+            ticket.finish(elapsed, completed=kv is not None)
+            call.cancel()
+        if kv is None:
+            log.warning("prefill on %s failed (%s); prefilling on the decode worker", worker.state.worker_id, failure)
+            self.metrics.prefill_fallback()
+        else:
+            self.metrics.prefilled_remotely(elapsed)
+        return kv
 
 
 def _from_worker_error(exc: grpc.aio.AioRpcError, worker_id: str) -> RpcError:
@@ -216,13 +281,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except RpcError as error:
             await abort(context, error)
             return scheduler_pb2.ExplainResponse()
-        decision = self.router.decide(prepared, dry_run=True)
+        pd = self.router.decide(prepared, dry_run=True)
+        decision = pd.decode
         return scheduler_pb2.ExplainResponse(
             chosen_worker_id=decision.worker_id or "", prompt_tokens=len(prepared.prompt_token_ids),
-            policy=decision.policy,
-            scores=[scheduler_pb2.WorkerScore(worker_id=s.worker_id, score=s.score, components=s.components,
-                                              filtered_reason=s.filtered_reason) for s in decision.worker_scores()],
+            policy=decision.policy, scores=_scores(decision),
+            disaggregation=scheduler_pb2.DisaggregationDecision(
+                remote=pd.remote, prefill_worker_id=pd.prefill.worker_id if pd.prefill else "", rule=pd.rule,
+                reason=pd.reason, uncached_tokens=pd.uncached_tokens),
+            prefill_scores=_scores(pd.prefill) if pd.prefill is not None else [],
         )
+
+
+def _scores(decision) -> list[scheduler_pb2.WorkerScore]:
+    return [scheduler_pb2.WorkerScore(worker_id=s.worker_id, score=s.score, components=s.components,
+                                      filtered_reason=s.filtered_reason) for s in decision.worker_scores()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -238,6 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None,
                         help="a routing profile YAML (filters → scorers → picker); overrides --policy")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    parser.add_argument("--prefill-timeout", type=float, default=DEFAULT_PREFILL_TIMEOUT_S,
+                        help="seconds a remote prefill may take before the decode worker prefills instead")
     parser.add_argument("--model", action="append", default=None, metavar="NAME=DIR",
                         help=f"a model to serve and its tokenizer directory (repeatable; default "
                              f"{DEFAULT_MODEL_NAME}=<the fetched model>)")
@@ -267,7 +342,7 @@ async def serve(args: argparse.Namespace) -> None:
     endpoints = parse_endpoints(args.etcd)
     pool = WorkerPool(endpoints)
     policy = load_profile(args.profile) if args.profile else policy_by_name(args.policy)
-    router = Router(pool, tokenizers, policy)
+    router = Router(pool, tokenizers, policy, prefill_timeout_s=args.prefill_timeout)
     if args.metrics_port is not None:
         router.metrics.serve(args.metrics_port, args.host)
     server, health, port = make_server(f"{args.host}:{args.port}", SERVICE_NAMES)

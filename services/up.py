@@ -14,6 +14,7 @@ Topology: flags for the common cases, or `--config topology.yaml`:
     workers:
       - {engine: vllm, role: both, cpu_cores: "auto"}
       - {engine: sim, count: 2}
+      - {engine: sim, role: prefill}   # P/D: prefill-only (the others then decode: role: decode)
     # extra args for a worker: {engine: sim, args: ["--sim-itl", "0.02"]}
 """
 
@@ -43,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=pathlib.Path, help="topology YAML (see `llm-mesh up --help`)")
     parser.add_argument("--engine", choices=["vllm", "sim"], default="vllm", help="engine of the default workers")
     parser.add_argument("--workers", type=int, default=1, help="number of default workers")
+    parser.add_argument("--prefill-workers", type=int, default=0,
+                        help="P/D: this many more workers as prefill-only, and the --workers ones as decode")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--gateway-port", type=int, default=8000)
     parser.add_argument("--scheduler-port", type=int, default=50051)
@@ -60,7 +63,11 @@ def topology(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(config, dict):
             raise SystemExit(f"{args.config}: expected a mapping at the top level")
     else:
-        config = {"workers": [{"engine": args.engine, "count": args.workers}]}
+        if args.prefill_workers:
+            config = {"workers": [{"engine": args.engine, "role": "prefill", "count": args.prefill_workers},
+                                  {"engine": args.engine, "role": "decode", "count": args.workers}]}
+        else:
+            config = {"workers": [{"engine": args.engine, "count": args.workers}]}
     config.setdefault("etcd", {"endpoints": args.etcd} if args.etcd else {"port": args.etcd_port})
     config.setdefault("scheduler", {"port": args.scheduler_port})
     config.setdefault("gateway", {"port": args.gateway_port})

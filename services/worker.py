@@ -24,7 +24,7 @@ import grpc
 
 from llm_mesh.v1 import membership_pb2, sampling_pb2, worker_pb2, worker_pb2_grpc
 from services import __version__
-from services.engines.base import Engine, EngineInfo, EngineRequest, SamplingOptions
+from services.engines.base import Engine, EngineInfo, EngineRequest, KVTransferParams, SamplingOptions
 from services.grpc_util import RpcError, abort, invalid, make_server, set_serving, stop_event_on_signals
 from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, KVEventLog
 from services.membership import DEFAULT_TTL_S, Registration, parse_endpoints
@@ -42,6 +42,16 @@ ROLES = {
     "decode": membership_pb2.WORKER_ROLE_DECODE,
     "both": membership_pb2.WORKER_ROLE_BOTH,
 }
+
+
+def kv_params_from_proto(p: worker_pb2.KVTransferParams) -> KVTransferParams:
+    return KVTransferParams(engine_id=p.engine_id, block_ids=tuple(p.block_ids), host=p.host, port=p.port,
+                            request_id=p.request_id, tp_size=p.tp_size or 1, num_tokens=p.num_tokens)
+
+
+def kv_params_to_proto(p: KVTransferParams) -> worker_pb2.KVTransferParams:
+    return worker_pb2.KVTransferParams(engine_id=p.engine_id, block_ids=p.block_ids, host=p.host, port=p.port,
+                                       request_id=p.request_id, tp_size=p.tp_size, num_tokens=p.num_tokens)
 
 
 def sampling_options(params: sampling_pb2.SamplingParams) -> SamplingOptions:
@@ -62,8 +72,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     serves the engine's KV events (it installs the log as the engine's sink)."""
 
     def __init__(self, engine: Engine, kv_log: KVEventLog | None = None,
-                 heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> None:
+                 heartbeat_s: float = DEFAULT_HEARTBEAT_S, role: str = "both") -> None:
         self.engine = engine
+        self.role = role  # a key of ROLES: which P/D legs this worker takes
         self.info: EngineInfo | None = None  # set once the engine is loaded
         self.counters = worker_pb2.WorkerLoad()
         self.kv_log = kv_log if kv_log is not None else KVEventLog()
@@ -92,6 +103,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     response.usage.total_tokens = out.prompt_tokens + out.completion_tokens
                     response.usage.cached_prompt_tokens = out.cached_prompt_tokens
                     self.counters.cached_prompt_tokens += out.cached_prompt_tokens
+                    self.counters.kv_transferred_prompt_tokens += out.transferred_prompt_tokens
+                    if out.kv_transfer is not None:
+                        response.kv_transfer.CopyFrom(kv_params_to_proto(out.kv_transfer))
                 yield response
         except ValueError as exc:  # the engine rejected the input (e.g. token id out of vocabulary)
             await abort(context, invalid(str(exc), "prompt_token_ids"))
@@ -121,7 +135,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise invalid(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context window "
                 f"({self.info.max_model_len} tokens)", "prompt_token_ids")
-        return EngineRequest(request.request_id, prompt, sampling_options(request.sampling))
+        remote_prefill = None
+        if request.remote_decode:
+            if self.role != "prefill":
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"remote_decode needs a prefill worker; this one is {self.role}", field="remote_decode")
+            if max_tokens != 1:
+                raise invalid("a prefill leg (remote_decode) generates exactly 1 token: max_tokens must be 1",
+                              "sampling.max_tokens")
+        if request.HasField("remote_prefill"):
+            if self.role != "decode":
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"remote_prefill needs a decode worker; this one is {self.role}", field="remote_prefill")
+            if request.remote_decode:
+                raise invalid("remote_decode and remote_prefill exclude each other", "remote_prefill")
+            p = request.remote_prefill
+            if not p.engine_id:
+                raise invalid("remote_prefill.engine_id is required", "remote_prefill.engine_id")
+            if p.num_tokens > len(prompt):
+                raise invalid(f"remote_prefill holds {p.num_tokens} tokens, more than the prompt's {len(prompt)}",
+                              "remote_prefill.num_tokens")
+            remote_prefill = kv_params_from_proto(p)
+        return EngineRequest(request.request_id, prompt, sampling_options(request.sampling),
+                             remote_decode=request.remote_decode, remote_prefill=remote_prefill)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> worker_pb2.AbortResponse:
         return worker_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
@@ -197,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
 async def serve(args: argparse.Namespace) -> None:
     engine = build_engine(args)
     kv_log = KVEventLog(args.kv_events_buffer, keep_token_ids=args.kv_events_token_ids)
-    servicer = WorkerServicer(engine, kv_log, args.kv_events_heartbeat)
+    servicer = WorkerServicer(engine, kv_log, args.kv_events_heartbeat, role=args.role)
     server, health, port = make_server(f"{args.host}:{args.port}", [SERVICE_NAME])
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     await server.start()

@@ -45,10 +45,35 @@ class SamplingOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class KVTransferParams:
+    """Where a remotely prefilled prompt's KV waits to be pulled: vLLM NixlConnector's
+    `kv_transfer_params` as a typed value (llm_mesh.v1.KVTransferParams on the wire).
+
+    The prefill engine fills it on its last output; the decode engine pulls `block_ids`
+    from `engine_id` (reached at host:port, the prefill worker's NIXL side channel) and
+    computes none of the prompt. The prefill engine holds the blocks until the pull is
+    done (or until its own expiry): only ids travel per request, never the bytes.
+    """
+
+    engine_id: str
+    block_ids: tuple[int, ...]
+    host: str = ""
+    port: int = 0
+    request_id: str = ""  # the prefill engine's request that holds the blocks
+    tp_size: int = 1
+    num_tokens: int = 0  # prompt tokens the blocks hold
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingOptions
+    # Prefill leg of P/D: compute the prompt's KV and hold it for a decode worker to pull
+    # (the scheduler sends max_tokens 1); the last output carries `kv_transfer`.
+    remote_decode: bool = False
+    # Decode leg of P/D: pull the prompt's KV from here instead of computing it.
+    remote_prefill: KVTransferParams | None = None
 
 
 @dataclasses.dataclass
@@ -62,6 +87,10 @@ class EngineOutput:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Decode leg of P/D (request.remote_prefill): prompt tokens whose KV was pulled, not computed.
+    transferred_prompt_tokens: int = 0
+    # Prefill leg of P/D (request.remote_decode), last output: where the KV waits.
+    kv_transfer: KVTransferParams | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,13 @@ Text, per request (`_TextStream`), as vLLM's detokenizer does it:
 - a token that stops the request by id (stop_token_ids, EOS) is returned in
   `token_ids` but adds no text.
 
+P/D: a prefill leg (`remote_decode`) runs as any request (one token) and its
+last output says where its KV is (`KVTransferParams`: this engine's id and the
+prompt's block ids); a decode leg (`remote_prefill`) joins the model as a
+remote request (sim_model's "Remote prefill": it pulls the blocks it lacks, at
+the modelled `--sim-kv-*` link speed, and computes none of the prompt). No
+bytes move between sim workers: only the time a pull takes is modelled.
+
 KV events: the model's BlockPool reports every cache change as it happens
 (sim_model); they go straight to the worker's sink, so a sim worker's event
 stream is what a vLLM worker's would be for the same requests.
@@ -31,11 +38,13 @@ import asyncio
 import json
 import logging
 import pathlib
+import secrets
 from collections.abc import AsyncIterator
 
 from scheduler.block_hash import DEFAULT_SEED
-from services.engines.base import Engine, EngineInfo, EngineLoad, EngineOutput, EngineRequest, FinishReason
-from services.engines.sim_model import SimConfig, SimLatency, SimModel, SimOutput, Vocabulary
+from services.engines.base import (Engine, EngineInfo, EngineLoad, EngineOutput, EngineRequest, FinishReason,
+                                   KVTransferParams)
+from services.engines.sim_model import KVTransfer, SimConfig, SimLatency, SimModel, SimOutput, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +118,12 @@ class SimEngine(Engine):
                  block_size: int = 16, num_blocks: int = 8192, max_num_seqs: int = 32,
                  max_model_len: int = 4096, max_prefill_tokens: int = 8192,
                  latency: SimLatency = SimLatency(), eos_probability: float = 0.0,
-                 hash_seed: str = DEFAULT_SEED) -> None:
+                 hash_seed: str = DEFAULT_SEED, kv_transfer: KVTransfer = KVTransfer()) -> None:
         self.config = SimConfig(model=model, block_size=block_size, num_blocks=num_blocks,
                                 max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                 max_prefill_tokens=max_prefill_tokens, eos_probability=eos_probability,
-                                hash_seed=hash_seed, latency=latency)
+                                hash_seed=hash_seed, latency=latency, kv_transfer=kv_transfer)
+        self.engine_id = f"sim-{secrets.token_hex(6)}"  # names this engine in KVTransferParams
         self.model_dir = pathlib.Path(model_dir) if model_dir is not None else None
         self.tokenizer: object | None = None
         self.sim: SimModel | None = None  # the model (exposed for tests and stats)
@@ -186,7 +196,8 @@ class SimEngine(Engine):
         sim = self._sync()
         if request.request_id in self._streams:
             raise ValueError(f"request {request.request_id!r} is already running")
-        sim.add_request(request, self._now())  # ValueError if it can never run
+        remote = request.remote_prefill is not None
+        sim.add_request(request, self._now(), remote_kv=remote)  # ValueError if it can never run
         stream = _Stream(request, _TextStream(self.tokenizer, request.prompt_token_ids, request.sampling.stop))
         self._streams[request.request_id] = stream
         self._wake.set()
@@ -202,6 +213,15 @@ class SimEngine(Engine):
             sim.finish(request_id, self._now())
             self._wake.set()  # the next step changes: replan the timer
         return stream
+
+    def _kv_location(self, request: EngineRequest) -> KVTransferParams:
+        """Where a finished prefill leg's KV is: this engine and the prompt's blocks.
+
+        The ids are the prompt's block positions: sim decode engines pull no bytes (the model
+        only times the pull), so they never dereference them."""
+        blocks = len(request.prompt_token_ids) // self.config.block_size
+        return KVTransferParams(engine_id=self.engine_id, block_ids=tuple(range(blocks)),
+                                request_id=request.request_id, num_tokens=len(request.prompt_token_ids))
 
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -236,16 +256,21 @@ class SimEngine(Engine):
                 self.sim.finish(o.request_id, o.time)
             stream.cached_prompt_tokens = o.cached_prompt_tokens
             stream.completion_tokens = o.completion_tokens
-            stream.queue.put_nowait(EngineOutput(
-                [o.token_id], stream.text.delta(finish is not None), finish, o.prompt_tokens,
-                o.cached_prompt_tokens, o.completion_tokens))
+            out = EngineOutput([o.token_id], stream.text.delta(finish is not None), finish, o.prompt_tokens,
+                               o.cached_prompt_tokens, o.completion_tokens)
+            request = stream.request
+            if request.remote_prefill is not None:  # pulled whatever it did not hold
+                out.transferred_prompt_tokens = o.prompt_tokens - o.cached_prompt_tokens
+            if finish is not None and request.remote_decode:
+                out.kv_transfer = self._kv_location(request)
+            stream.queue.put_nowait(out)
             if finish is not None:
                 del self._streams[o.request_id]
 
 
 def _merge(a: EngineOutput, b: EngineOutput) -> EngineOutput:
     return EngineOutput(a.token_ids + b.token_ids, a.text + b.text, b.finish_reason, b.prompt_tokens,
-                        b.cached_prompt_tokens, b.completion_tokens)
+                        b.cached_prompt_tokens, b.completion_tokens, b.transferred_prompt_tokens, b.kv_transfer)
 
 
 def load_vocabulary(model_dir: pathlib.Path | None) -> tuple[object | None, Vocabulary]:
@@ -292,6 +317,13 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
                    help="uncached prompt tokens per prefill step")
     g.add_argument("--sim-eos-probability", type=float, default=d.eos_probability,
                    help="chance per token of a simulated EOS (0: run to max_tokens)")
+    kv = KVTransfer()
+    g.add_argument("--sim-kv-bandwidth-gbps", type=float, default=kv.bandwidth_gbps,
+                   help="P/D: modelled KV pull bandwidth into this (decode) worker, gigabits/s")
+    g.add_argument("--sim-kv-bytes-per-token", type=int, default=kv.bytes_per_token,
+                   help="P/D: modelled KV bytes per token")
+    g.add_argument("--sim-kv-latency-ms", type=float, default=kv.latency_s * 1e3,
+                   help="P/D: modelled fixed latency of one KV pull")
     g.add_argument("--sim-hash-seed", default=DEFAULT_SEED,
                    help="block hash root seed (vLLM's default; must match the scheduler)")
 
@@ -305,4 +337,6 @@ def build_sim_engine(args: argparse.Namespace) -> SimEngine:
         hash_seed=args.sim_hash_seed,
         latency=SimLatency(prefill_per_token_s=args.sim_prefill_per_token, step_overhead_s=args.sim_step_overhead,
                            itl_s=args.sim_itl, batch_slowdown=args.sim_batch_slowdown),
+        kv_transfer=KVTransfer(bytes_per_token=args.sim_kv_bytes_per_token, bandwidth_gbps=args.sim_kv_bandwidth_gbps,
+                               latency_s=args.sim_kv_latency_ms / 1e3),
     )

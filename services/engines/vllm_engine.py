@@ -16,6 +16,21 @@ hands the events, in order, to the worker's sink. A gap the replay buffer can
 no longer fill is reported as AllBlocksCleared: the schedulers then forget
 this worker's blocks (a missed hit) rather than keep blocks it may have
 evicted (a wrong route).
+
+Prefill/decode (`VllmSettings.role`): a prefill engine runs vLLM's
+NixlConnector as `kv_producer`, a decode engine as `kv_consumer` (pull mode:
+the decoder READs the prefiller's blocks over NIXL, then notifies it so it
+frees them); role "both" has no connector. The prefill leg
+(`EngineRequest.remote_decode`) runs with `do_remote_decode` and max_tokens 1;
+vLLM keeps its blocks for `kv_lease_s` and its finished output carries the
+`kv_transfer_params` that `from_vllm_kv_params` turns into a typed
+`KVTransferParams`. The decode leg (`EngineRequest.remote_prefill`) passes
+them back with `to_vllm_kv_params`; vLLM pulls only the blocks it does not
+already hold in its own prefix cache, recomputes the last prompt token, and
+reports every pulled or locally cached prompt token in `num_cached_tokens`
+(so `EngineOutput.cached_prompt_tokens` = prompt tokens it did not compute).
+Where each prompt token came from (computed / local cache / KV transfer) and
+the NIXL transfer stats are kept per engine: `VllmEngine.pd_stats()`.
 """
 
 from __future__ import annotations
@@ -27,13 +42,15 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal
 
 import msgspec
 import zmq
 import zmq.asyncio
 from vllm import SamplingParams
 from vllm.config.kv_events import KVEventsConfig
+from vllm.config.kv_transfer import KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
@@ -42,9 +59,12 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from scheduler.block_hash import external_block_hash
 from services.engines.base import (AllBlocksCleared, BlockRemoved, BlockStored, Engine, EngineInfo, EngineLoad,
-                                   EngineOutput, EngineRequest, KVEvent, KVEventSink)
+                                   EngineOutput, EngineRequest, KVEvent, KVEventSink, KVTransferParams)
 
 log = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode", "both"]
+ROLES: tuple[Role, ...] = ("prefill", "decode", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +82,25 @@ class VllmSettings:
     enforce_eager: bool = True
     # Publish KV events (to the worker's sink) through vLLM's ZMQ publisher.
     kv_events: bool = True
+    # P/D: "prefill" (NIXL kv_producer), "decode" (kv_consumer) or "both" (no connector).
+    role: Role = "both"
+    # vLLM's NIXL side channel (VLLM_NIXL_SIDE_CHANNEL_HOST/PORT): a ZMQ socket where this
+    # engine serves its NIXL agent metadata; the decoder fetches the prefiller's once per
+    # pair (the "handshake"), then only block ids travel. Every prefill/decode engine on a
+    # host needs its own port: the worker's --kv-side-channel-port (default: its gRPC port
+    # + 1000). The host is also what a prefill engine advertises in its KV transfer params.
+    kv_side_channel_host: str = "127.0.0.1"
+    kv_side_channel_port: int = 5600
+    # NIXL engine id (None: vLLM draws a uuid at start; read it from `kv_engine_id`).
+    kv_engine_id: str | None = None
+    # Where the connector stages KV: "cpu" here; on a GPU host, "cuda" moves GPU memory directly.
+    kv_buffer_device: str = "cpu"
+    # Prefill: seconds vLLM holds prefilled blocks for a decoder that has not pulled them
+    # (its kv_lease_duration; a waiting decoder's heartbeats extend it).
+    kv_lease_s: int = 30
+    # Decode: a failed pull recomputes the prompt locally ("recompute") or fails the request.
+    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
+
 
 
 class VllmEngine(Engine):
@@ -71,12 +110,17 @@ class VllmEngine(Engine):
         self._stats = _LatestStats()
         self._running: set[str] = set()
         self._kv_events: ZmqKVEvents | None = None
+        # The NIXL engine id vLLM runs with (prefill/decode roles), once started.
+        self.kv_engine_id: str | None = settings.kv_engine_id
 
     async def start(self) -> EngineInfo:
         s = self.settings
         # vLLM reads these when the engine core process starts.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = s.cpu_cores
+        if s.role != "both":
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = s.kv_side_channel_host
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(s.kv_side_channel_port)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         # Block hashes must not depend on the process: use vLLM's fixed default seed.
@@ -94,10 +138,13 @@ class VllmEngine(Engine):
             seed=s.seed,
             disable_log_stats=False,
             kv_events_config=self._kv_events_config(),
+            kv_transfer_config=kv_transfer_config(s),
         )
         stats = self._stats
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda cfg, idx: _StatsRecorder(stats)])
         config = self._engine.vllm_config
+        if config.kv_transfer_config is not None:
+            self.kv_engine_id = config.kv_transfer_config.engine_id
         info = EngineInfo(
             model=s.model_name,
             max_model_len=config.model_config.max_model_len,
@@ -121,8 +168,10 @@ class VllmEngine(Engine):
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         sp = request.sampling
+        kv_params = self._kv_transfer_params(request)
         params = SamplingParams(
-            max_tokens=sp.max_tokens,
+            # The prefill leg stops after the first token: its KV is what it is for.
+            max_tokens=1 if request.remote_decode else sp.max_tokens,
             temperature=sp.temperature,
             top_p=sp.top_p,
             seed=sp.seed,
@@ -130,6 +179,7 @@ class VllmEngine(Engine):
             stop_token_ids=list(sp.stop_token_ids) or None,
             ignore_eos=sp.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv_params} if kv_params is not None else None,
         )
         assert self._engine is not None, "engine not started"
         prompt_tokens = len(request.prompt_token_ids)
@@ -144,19 +194,43 @@ class VllmEngine(Engine):
                 completion = out.outputs[0]
                 completion_tokens += len(completion.token_ids)
                 finished = out.finished
+                kv_transfer = None
+                if out.finished and request.remote_decode and out.kv_transfer_params:
+                    kv_transfer = from_vllm_kv_params(out.kv_transfer_params, prompt_tokens)
                 yield EngineOutput(
                     token_ids=list(completion.token_ids),
                     text=completion.text,
                     finish_reason=_finish_reason(completion.finish_reason) if out.finished else None,
                     prompt_tokens=prompt_tokens,
+                    # On a decode leg: prompt tokens pulled over NIXL count here too (vLLM
+                    # reports local prefix hits + external loads), i.e. not computed locally.
                     cached_prompt_tokens=out.num_cached_tokens or 0,
                     completion_tokens=completion_tokens,
+                    kv_transfer=kv_transfer,
                 )
         finally:
             self._running.discard(request.request_id)
             if not finished:
                 # The consumer went away (cancel, deadline): free the engine's slot now.
                 await asyncio.shield(self._engine.abort(request.request_id))
+
+    def _kv_transfer_params(self, request: EngineRequest) -> dict[str, Any] | None:
+        role = self.settings.role
+        if request.remote_decode and request.remote_prefill is not None:
+            raise ValueError(f"request {request.request_id}: remote_decode and remote_prefill are exclusive")
+        if request.remote_decode:
+            if role != "prefill":
+                raise ValueError(f"request {request.request_id}: remote_decode needs a prefill engine (role {role})")
+            return prefill_leg_kv_params()
+        if request.remote_prefill is not None:
+            if role != "decode":
+                raise ValueError(f"request {request.request_id}: remote_prefill needs a decode engine (role {role})")
+            return to_vllm_kv_params(request.remote_prefill)
+        return None
+
+    def pd_stats(self) -> PDStats:
+        """Where this engine's prompt tokens came from, and its NIXL transfers (lifetime totals)."""
+        return dataclasses.replace(self._stats.pd)
 
     async def abort(self, request_id: str) -> bool:
         if request_id not in self._running or self._engine is None:

@@ -27,7 +27,7 @@ from llm_mesh.v1 import membership_pb2 as llm__mesh_dot_v1_dot_membership__pb2
 from llm_mesh.v1 import worker_pb2 as llm__mesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllm_mesh/v1/scheduler.proto\x12\x0bllm_mesh.v1\x1a\x1bllm_mesh/v1/inference.proto\x1a\x1cllm_mesh/v1/membership.proto\x1a\x18llm_mesh/v1/worker.proto\"\x14\n\x12ListWorkersRequest\"\x95\x01\n\x0cWorkerStatus\x12#\n\x06member\x18\x01 \x01(\x0b\x32\x13.llm_mesh.v1.Member\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.llm_mesh.v1.WorkerState\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.llm_mesh.v1.WorkerLoad\"A\n\x13ListWorkersResponse\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.llm_mesh.v1.WorkerStatus\"?\n\x0e\x45xplainRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.llm_mesh.v1.GenerateRequest\"\xb9\x01\n\x0bWorkerScore\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12<\n\ncomponents\x18\x03 \x03(\x0b\x32(.llm_mesh.v1.WorkerScore.ComponentsEntry\x12\x17\n\x0f\x66iltered_reason\x18\x04 \x01(\t\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"|\n\x0f\x45xplainResponse\x12\x18\n\x10\x63hosen_worker_id\x18\x01 \x01(\t\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.llm_mesh.v1.WorkerScore\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t*a\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATE_READY\x10\x01\x12\x1c\n\x18WORKER_STATE_UNAVAILABLE\x10\x02\x32\xa3\x01\n\tScheduler\x12P\n\x0bListWorkers\x12\x1f.llm_mesh.v1.ListWorkersRequest\x1a .llm_mesh.v1.ListWorkersResponse\x12\x44\n\x07\x45xplain\x12\x1b.llm_mesh.v1.ExplainRequest\x1a\x1c.llm_mesh.v1.ExplainResponseBM\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllm_mesh/v1/scheduler.proto\x12\x0bllm_mesh.v1\x1a\x1bllm_mesh/v1/inference.proto\x1a\x1cllm_mesh/v1/membership.proto\x1a\x18llm_mesh/v1/worker.proto\"\x14\n\x12ListWorkersRequest\"\x95\x01\n\x0cWorkerStatus\x12#\n\x06member\x18\x01 \x01(\x0b\x32\x13.llm_mesh.v1.Member\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.llm_mesh.v1.WorkerState\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.llm_mesh.v1.WorkerLoad\"A\n\x13ListWorkersResponse\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.llm_mesh.v1.WorkerStatus\"?\n\x0e\x45xplainRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.llm_mesh.v1.GenerateRequest\"\xb9\x01\n\x0bWorkerScore\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12<\n\ncomponents\x18\x03 \x03(\x0b\x32(.llm_mesh.v1.WorkerScore.ComponentsEntry\x12\x17\n\x0f\x66iltered_reason\x18\x04 \x01(\t\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xeb\x01\n\x0f\x45xplainResponse\x12\x18\n\x10\x63hosen_worker_id\x18\x01 \x01(\t\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.llm_mesh.v1.WorkerScore\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12;\n\x0e\x64isaggregation\x18\x05 \x01(\x0b\x32#.llm_mesh.v1.DisaggregationDecision\x12\x30\n\x0eprefill_scores\x18\x06 \x03(\x0b\x32\x18.llm_mesh.v1.WorkerScore\"z\n\x16\x44isaggregationDecision\x12\x0e\n\x06remote\x18\x01 \x01(\x08\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0funcached_tokens\x18\x05 \x01(\r*a\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATE_READY\x10\x01\x12\x1c\n\x18WORKER_STATE_UNAVAILABLE\x10\x02\x32\xa3\x01\n\tScheduler\x12P\n\x0bListWorkers\x12\x1f.llm_mesh.v1.ListWorkersRequest\x1a .llm_mesh.v1.ListWorkersResponse\x12\x44\n\x07\x45xplain\x12\x1b.llm_mesh.v1.ExplainRequest\x1a\x1c.llm_mesh.v1.ExplainResponseBM\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.llmmesh.v1P\001Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1'
   _globals['_WORKERSCORE_COMPONENTSENTRY']._loaded_options = None
   _globals['_WORKERSCORE_COMPONENTSENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERSTATE']._serialized_start=749
-  _globals['_WORKERSTATE']._serialized_end=846
+  _globals['_WORKERSTATE']._serialized_start=985
+  _globals['_WORKERSTATE']._serialized_end=1082
   _globals['_LISTWORKERSREQUEST']._serialized_start=129
   _globals['_LISTWORKERSREQUEST']._serialized_end=149
   _globals['_WORKERSTATUS']._serialized_start=152
@@ -51,8 +51,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSCORE']._serialized_end=621
   _globals['_WORKERSCORE_COMPONENTSENTRY']._serialized_start=572
   _globals['_WORKERSCORE_COMPONENTSENTRY']._serialized_end=621
-  _globals['_EXPLAINRESPONSE']._serialized_start=623
-  _globals['_EXPLAINRESPONSE']._serialized_end=747
-  _globals['_SCHEDULER']._serialized_start=849
-  _globals['_SCHEDULER']._serialized_end=1012
+  _globals['_EXPLAINRESPONSE']._serialized_start=624
+  _globals['_EXPLAINRESPONSE']._serialized_end=859
+  _globals['_DISAGGREGATIONDECISION']._serialized_start=861
+  _globals['_DISAGGREGATIONDECISION']._serialized_end=983
+  _globals['_SCHEDULER']._serialized_start=1085
+  _globals['_SCHEDULER']._serialized_end=1248
 # @@protoc_insertion_point(module_scope)

@@ -67,13 +67,31 @@ class WorkerScore(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., score: _Optional[float] = ..., components: _Optional[_Mapping[str, float]] = ..., filtered_reason: _Optional[str] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("chosen_worker_id", "scores", "prompt_tokens", "policy")
+    __slots__ = ("chosen_worker_id", "scores", "prompt_tokens", "policy", "disaggregation", "prefill_scores")
     CHOSEN_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    DISAGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SCORES_FIELD_NUMBER: _ClassVar[int]
     chosen_worker_id: str
     scores: _containers.RepeatedCompositeFieldContainer[WorkerScore]
     prompt_tokens: int
     policy: str
-    def __init__(self, chosen_worker_id: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+    disaggregation: DisaggregationDecision
+    prefill_scores: _containers.RepeatedCompositeFieldContainer[WorkerScore]
+    def __init__(self, chosen_worker_id: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., policy: _Optional[str] = ..., disaggregation: _Optional[_Union[DisaggregationDecision, _Mapping]] = ..., prefill_scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ...) -> None: ...
+
+class DisaggregationDecision(_message.Message):
+    __slots__ = ("remote", "prefill_worker_id", "rule", "reason", "uncached_tokens")
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    UNCACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    remote: bool
+    prefill_worker_id: str
+    rule: str
+    reason: str
+    uncached_tokens: int
+    def __init__(self, remote: _Optional[bool] = ..., prefill_worker_id: _Optional[str] = ..., rule: _Optional[str] = ..., reason: _Optional[str] = ..., uncached_tokens: _Optional[int] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llm_mesh.v1 import sampling_pb2 as llm__mesh_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llm_mesh/v1/worker.proto\x12\x0bllm_mesh.v1\x1a\x1allm_mesh/v1/sampling.proto\"\x83\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.llm_mesh.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\"\x8e\x01\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.llm_mesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.llm_mesh.v1.Usage\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\xe3\x01\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x19\n\x11requests_finished\x18\x05 \x01(\x04\x12\x18\n\x10requests_aborted\x18\x06 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\x04\x12\x18\n\x10generated_tokens\x18\t \x01(\x04\"S\n\x14WatchKVEventsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\x19\n\x11include_token_ids\x18\x03 \x01(\x08\"q\n\x0cKVEventBatch\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x14.llm_mesh.v1.KVEvent\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\r\n\x05reset\x18\x05 \x01(\x08\"\x9e\x01\n\x07KVEvent\x12*\n\x06stored\x18\x01 \x01(\x0b\x32\x18.llm_mesh.v1.BlockStoredH\x00\x12,\n\x07removed\x18\x02 \x01(\x0b\x32\x19.llm_mesh.v1.BlockRemovedH\x00\x12\x30\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1d.llm_mesh.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"\xa3\x01\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12!\n\x04tier\x18\x05 \x01(\x0e\x32\x13.llm_mesh.v1.KVTierB\x14\n\x12_parent_block_hash\"G\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier\"5\n\x10\x41llBlocksCleared\x12!\n\x04tier\x18\x01 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier*l\n\x06KVTier\x12\x17\n\x13KV_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eKV_TIER_ENGINE\x10\x01\x12\x10\n\x0cKV_TIER_HOST\x10\x02\x12\x10\n\x0cKV_TIER_DISK\x10\x03\x12\x11\n\rKV_TIER_STORE\x10\x04\x32\xb1\x02\n\x06Worker\x12U\n\x08Generate\x12\".llm_mesh.v1.WorkerGenerateRequest\x1a#.llm_mesh.v1.WorkerGenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.llm_mesh.v1.AbortRequest\x1a\x1a.llm_mesh.v1.AbortResponse\x12?\n\x07GetLoad\x12\x1b.llm_mesh.v1.GetLoadRequest\x1a\x17.llm_mesh.v1.WorkerLoad\x12O\n\rWatchKVEvents\x12!.llm_mesh.v1.WatchKVEventsRequest\x1a\x19.llm_mesh.v1.KVEventBatch0\x01\x42M\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llm_mesh/v1/worker.proto\x12\x0bllm_mesh.v1\x1a\x1allm_mesh/v1/sampling.proto\"\xd1\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.llm_mesh.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rremote_decode\x18\n \x01(\x08\x12\x35\n\x0eremote_prefill\x18\x0b \x01(\x0b\x32\x1d.llm_mesh.v1.KVTransferParams\"\x8d\x01\n\x10KVTransferParams\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\"\xc2\x01\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.llm_mesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.llm_mesh.v1.Usage\x12\x32\n\x0bkv_transfer\x18\x05 \x01(\x0b\x32\x1d.llm_mesh.v1.KVTransferParams\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x89\x02\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x19\n\x11requests_finished\x18\x05 \x01(\x04\x12\x18\n\x10requests_aborted\x18\x06 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\x04\x12\x18\n\x10generated_tokens\x18\t \x01(\x04\x12$\n\x1ckv_transferred_prompt_tokens\x18\n \x01(\x04\"S\n\x14WatchKVEventsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\x19\n\x11include_token_ids\x18\x03 \x01(\x08\"q\n\x0cKVEventBatch\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x14.llm_mesh.v1.KVEvent\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\r\n\x05reset\x18\x05 \x01(\x08\"\x9e\x01\n\x07KVEvent\x12*\n\x06stored\x18\x01 \x01(\x0b\x32\x18.llm_mesh.v1.BlockStoredH\x00\x12,\n\x07removed\x18\x02 \x01(\x0b\x32\x19.llm_mesh.v1.BlockRemovedH\x00\x12\x30\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1d.llm_mesh.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"\xa3\x01\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12!\n\x04tier\x18\x05 \x01(\x0e\x32\x13.llm_mesh.v1.KVTierB\x14\n\x12_parent_block_hash\"G\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier\"5\n\x10\x41llBlocksCleared\x12!\n\x04tier\x18\x01 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier*l\n\x06KVTier\x12\x17\n\x13KV_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eKV_TIER_ENGINE\x10\x01\x12\x10\n\x0cKV_TIER_HOST\x10\x02\x12\x10\n\x0cKV_TIER_DISK\x10\x03\x12\x11\n\rKV_TIER_STORE\x10\x04\x32\xb1\x02\n\x06Worker\x12U\n\x08Generate\x12\".llm_mesh.v1.WorkerGenerateRequest\x1a#.llm_mesh.v1.WorkerGenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.llm_mesh.v1.AbortRequest\x1a\x1a.llm_mesh.v1.AbortResponse\x12?\n\x07GetLoad\x12\x1b.llm_mesh.v1.GetLoadRequest\x1a\x17.llm_mesh.v1.WorkerLoad\x12O\n\rWatchKVEvents\x12!.llm_mesh.v1.WatchKVEventsRequest\x1a\x19.llm_mesh.v1.KVEventBatch0\x01\x42M\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llm_mesh.v1.worker_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.llmmesh.v1P\001Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1'
-  _globals['_KVTIER']._serialized_start=1321
-  _globals['_KVTIER']._serialized_end=1429
+  _globals['_KVTIER']._serialized_start=1633
+  _globals['_KVTIER']._serialized_end=1741
   _globals['_WORKERGENERATEREQUEST']._serialized_start=70
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=201
-  _globals['_WORKERGENERATERESPONSE']._serialized_start=204
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=346
-  _globals['_ABORTREQUEST']._serialized_start=348
-  _globals['_ABORTREQUEST']._serialized_end=382
-  _globals['_ABORTRESPONSE']._serialized_start=384
-  _globals['_ABORTRESPONSE']._serialized_end=416
-  _globals['_GETLOADREQUEST']._serialized_start=418
-  _globals['_GETLOADREQUEST']._serialized_end=434
-  _globals['_WORKERLOAD']._serialized_start=437
-  _globals['_WORKERLOAD']._serialized_end=664
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=666
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=749
-  _globals['_KVEVENTBATCH']._serialized_start=751
-  _globals['_KVEVENTBATCH']._serialized_end=864
-  _globals['_KVEVENT']._serialized_start=867
-  _globals['_KVEVENT']._serialized_end=1025
-  _globals['_BLOCKSTORED']._serialized_start=1028
-  _globals['_BLOCKSTORED']._serialized_end=1191
-  _globals['_BLOCKREMOVED']._serialized_start=1193
-  _globals['_BLOCKREMOVED']._serialized_end=1264
-  _globals['_ALLBLOCKSCLEARED']._serialized_start=1266
-  _globals['_ALLBLOCKSCLEARED']._serialized_end=1319
-  _globals['_WORKER']._serialized_start=1432
-  _globals['_WORKER']._serialized_end=1737
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=279
+  _globals['_KVTRANSFERPARAMS']._serialized_start=282
+  _globals['_KVTRANSFERPARAMS']._serialized_end=423
+  _globals['_WORKERGENERATERESPONSE']._serialized_start=426
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=620
+  _globals['_ABORTREQUEST']._serialized_start=622
+  _globals['_ABORTREQUEST']._serialized_end=656
+  _globals['_ABORTRESPONSE']._serialized_start=658
+  _globals['_ABORTRESPONSE']._serialized_end=690
+  _globals['_GETLOADREQUEST']._serialized_start=692
+  _globals['_GETLOADREQUEST']._serialized_end=708
+  _globals['_WORKERLOAD']._serialized_start=711
+  _globals['_WORKERLOAD']._serialized_end=976
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=978
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1061
+  _globals['_KVEVENTBATCH']._serialized_start=1063
+  _globals['_KVEVENTBATCH']._serialized_end=1176
+  _globals['_KVEVENT']._serialized_start=1179
+  _globals['_KVEVENT']._serialized_end=1337
+  _globals['_BLOCKSTORED']._serialized_start=1340
+  _globals['_BLOCKSTORED']._serialized_end=1503
+  _globals['_BLOCKREMOVED']._serialized_start=1505
+  _globals['_BLOCKREMOVED']._serialized_end=1576
+  _globals['_ALLBLOCKSCLEARED']._serialized_start=1578
+  _globals['_ALLBLOCKSCLEARED']._serialized_end=1631
+  _globals['_WORKER']._serialized_start=1744
+  _globals['_WORKER']._serialized_end=2049
 # @@protoc_insertion_point(module_scope)

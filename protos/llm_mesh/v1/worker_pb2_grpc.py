@@ -30,8 +30,11 @@ class WorkerStub:
     Input is always token ids: the scheduler tokenizes once, so the router and the
     engine can never disagree on tokens.
 
-    Field numbers 10-19 of the request messages are kept for prefill/decode
-    (KV transfer parameters) and the RPC name Prefill for later.
+    Prefill/decode disaggregation uses Generate for both legs, as vLLM does: the
+    prefill leg sets remote_decode (one token out, the KV held for a decode
+    worker, its location in the last response's kv_transfer); the decode leg
+    sets remote_prefill to that location and computes none of the prompt.
+    Field numbers 10-19 of the request messages are kept for P/D.
     """
 
     def __init__(self, channel):
@@ -67,13 +70,16 @@ class WorkerServicer:
     Input is always token ids: the scheduler tokenizes once, so the router and the
     engine can never disagree on tokens.
 
-    Field numbers 10-19 of the request messages are kept for prefill/decode
-    (KV transfer parameters) and the RPC name Prefill for later.
+    Prefill/decode disaggregation uses Generate for both legs, as vLLM does: the
+    prefill leg sets remote_decode (one token out, the KV held for a decode
+    worker, its location in the last response's kv_transfer); the decode leg
+    sets remote_prefill to that location and computes none of the prompt.
+    Field numbers 10-19 of the request messages are kept for P/D.
     """
 
     def Generate(self, request, context):
         """Generate from token ids, streaming deltas. Cancelling the call aborts the
-        engine request.
+        engine request (and, on a prefill leg, frees the KV it holds).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,8 +148,11 @@ class Worker:
     Input is always token ids: the scheduler tokenizes once, so the router and the
     engine can never disagree on tokens.
 
-    Field numbers 10-19 of the request messages are kept for prefill/decode
-    (KV transfer parameters) and the RPC name Prefill for later.
+    Prefill/decode disaggregation uses Generate for both legs, as vLLM does: the
+    prefill leg sets remote_decode (one token out, the KV held for a decode
+    worker, its location in the last response's kv_transfer); the decode leg
+    sets remote_prefill to that location and computes none of the prompt.
+    Field numbers 10-19 of the request messages are kept for P/D.
     """
 
     @staticmethod
