@@ -104,14 +104,17 @@ async def wait_for_workers(address: str, count: int, timeout_s: float = 30.0) ->
 
 
 async def replay(address: str, requests: list[WorkloadRequest], prompts: list[list[int]], model: str,
-                 options: LiveOptions) -> tuple[list[RequestResult], float, int]:
+                 options: LiveOptions) -> tuple[list[RequestResult], float, int, list[float]]:
     """Send every request at its (compressed) arrival time; returns (results in trace time, duration in
-    trace time, failed count). A failed request keeps finish_s None: it counts against the policy."""
+    trace time, failed count, every inter-token gap in trace time). A failed request keeps finish_s
+    None: it counts against the policy. Tokens that arrive in one message (a slow reader gets a
+    backlog as one delta) count as gaps of 0 after the first."""
     from llm_mesh.v1 import inference_pb2, inference_pb2_grpc, sampling_pb2
 
     k = options.speedup
     results = [RequestResult(r.arrival_s, "", r.input_tokens, r.output_tokens) for r in requests]
     failures = 0
+    gaps: list[float] = []
     gate = asyncio.Semaphore(options.max_in_flight)
     t0_trace = requests[0].arrival_s
     options_ = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -131,10 +134,17 @@ async def replay(address: str, requests: list[WorkloadRequest], prompts: list[li
                     session_id=r.session_id,
                     sampling=sampling_pb2.SamplingParams(max_tokens=r.output_tokens, temperature=0,
                                                          ignore_eos=True))
+                last = None
                 try:
                     async for response in stub.Generate(request):
+                        if response.token_ids:
+                            now = trace_now()
+                            if last is not None:
+                                gaps.append(now - last)
+                            gaps.extend([0.0] * (len(response.token_ids) - 1))
+                            last = now
                         if out.first_token_s is None and response.token_ids:
-                            out.first_token_s = trace_now()
+                            out.first_token_s = last
                             out.worker = response.worker_id
                         if response.HasField("usage"):
                             out.cached_tokens = response.usage.cached_prompt_tokens
@@ -151,7 +161,7 @@ async def replay(address: str, requests: list[WorkloadRequest], prompts: list[li
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
         duration = (time.monotonic() - start) * k
-    return results, duration, failures
+    return results, duration, failures, gaps
 
 
 def run_live(requests: list[WorkloadRequest], policies: list[str], spec: ClusterSpec, *, slo_ttft_s: float,
@@ -169,9 +179,10 @@ def run_live(requests: list[WorkloadRequest], policies: list[str], spec: Cluster
                 with live_mesh(etcd_server.endpoint, name, spec, options.speedup, log_dir) as address:
                     asyncio.run(wait_for_workers(address, spec.workers))
                     started = time.perf_counter()
-                    results, duration, failures = asyncio.run(replay(address, requests, prompts, model, options))
+                    results, duration, failures, gaps = asyncio.run(
+                        replay(address, requests, prompts, model, options))
                     replay_wall = time.perf_counter() - started
-                summary = summarize(results, slo_ttft_s, duration)
+                summary = summarize(results, slo_ttft_s, duration, gaps)
                 summary |= {"ttfts": sorted(r.ttft for r in results), "failed": failures,
                             "wall_s": time.perf_counter() - t0, "replay_wall_s": replay_wall}
                 out[name] = summary

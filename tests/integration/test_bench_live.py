@@ -30,6 +30,7 @@ def test_live_shared_prefix_report(tmp_path: pathlib.Path, model_dir, capsys) ->
         assert s["failed"] == 0 and s["requests"] == s["completed"] == 48, name
         assert 0 < s["ttft_p50_s"] <= s["ttft_p90_s"] <= s["ttft_p99_s"], name
         assert s["e2e_mean_s"] >= s["ttft_mean_s"] > 0, name
+        assert 0 <= s["itl_p50_s"] <= s["itl_p99_s"] and s["itl_p99_s"] > 0, name  # per-token arrival gaps
     # Engine-reported hits (usage.cached_prompt_tokens) through the real mesh.
     assert p["ours"]["hit_rate"] > 0.6
     assert p["ours"]["hit_rate"] > p["random"]["hit_rate"]
