@@ -185,7 +185,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return VllmEngine(VllmSettings(
             model_dir=str(args.model_dir), model_name=args.model, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
-            cpu_cores=args.cpu_cores,
+            cpu_cores=args.cpu_cores, role=args.role, kv_side_channel_host=args.host,
+            # Every P/D engine on a host needs its own NIXL side-channel port.
+            kv_side_channel_port=args.kv_side_channel_port or args.port + 1000,
         ))
     from services.engines.sim_engine import build_sim_engine
 
@@ -212,6 +214,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM CPU KV cache size")
     parser.add_argument("--cpu-cores", default="auto",
                         help="vLLM OMP core binding (VLLM_CPU_OMP_THREADS_BIND), e.g. 0 or 1 or 0-1")
+    parser.add_argument("--kv-side-channel-port", type=int, default=None,
+                        help="vLLM P/D: port of this engine's NIXL side channel (default: --port + 1000)")
     parser.add_argument("--kv-events-buffer", type=int, default=DEFAULT_CAPACITY,
                         help="KV events kept for replay; a scheduler further behind gets a snapshot")
     parser.add_argument("--kv-events-token-ids", action="store_true",

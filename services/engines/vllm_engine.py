@@ -59,7 +59,8 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from scheduler.block_hash import external_block_hash
 from services.engines.base import (AllBlocksCleared, BlockRemoved, BlockStored, Engine, EngineInfo, EngineLoad,
-                                   EngineOutput, EngineRequest, KVEvent, KVEventSink, KVTransferParams)
+                                   EngineOutput, EngineRequest, KVEvent, KVEventSink,
+                                   KVTransferParams)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,6 @@ class VllmSettings:
     kv_lease_s: int = 30
     # Decode: a failed pull recomputes the prompt locally ("recompute") or fails the request.
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
-
 
 
 class VllmEngine(Engine):
@@ -220,11 +220,11 @@ class VllmEngine(Engine):
             raise ValueError(f"request {request.request_id}: remote_decode and remote_prefill are exclusive")
         if request.remote_decode:
             if role != "prefill":
-                raise ValueError(f"request {request.request_id}: remote_decode needs a prefill engine (role {role})")
+                raise ValueError(f"{request.request_id}: remote_decode needs role prefill, not {role}")
             return prefill_leg_kv_params()
         if request.remote_prefill is not None:
             if role != "decode":
-                raise ValueError(f"request {request.request_id}: remote_prefill needs a decode engine (role {role})")
+                raise ValueError(f"{request.request_id}: remote_prefill needs role decode, not {role}")
             return to_vllm_kv_params(request.remote_prefill)
         return None
 
@@ -253,6 +253,96 @@ class VllmEngine(Engine):
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+
+
+# --- P/D over vLLM's NixlConnector ------------------------------------------------
+
+
+def kv_transfer_config(s: VllmSettings) -> KVTransferConfig | None:
+    """vLLM's KV connector for a role: NixlConnector (pull mode) as producer or consumer."""
+    if s.role == "both":
+        return None
+    if s.role not in ROLES:
+        raise ValueError(f"unknown role {s.role!r} (one of {', '.join(ROLES)})")
+    extra: dict[str, Any] = {"kv_lease_duration": s.kv_lease_s}
+    return KVTransferConfig(
+        kv_connector="NixlConnector",
+        # kv_producer / kv_consumer, not the deprecated kv_both (nixl/connector.py warns).
+        kv_role="kv_producer" if s.role == "prefill" else "kv_consumer",
+        kv_buffer_device=s.kv_buffer_device,
+        engine_id=s.kv_engine_id,
+        kv_connector_extra_config=extra,
+        kv_load_failure_policy=s.kv_load_failure_policy,
+    )
+
+
+def prefill_leg_kv_params() -> dict[str, Any]:
+    """kv_transfer_params of a prefill leg: compute the prompt, hold its blocks for a decoder."""
+    return {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+            "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+def to_vllm_kv_params(p: KVTransferParams) -> dict[str, Any]:
+    """The decode leg's kv_transfer_params (what vLLM 0.32's pull scheduler/worker read:
+    nixl/pull_scheduler.py get_num_new_matched_tokens/update_state_after_alloc,
+    nixl/metadata.py add_new_req_to_recv)."""
+    return {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_engine_id": p.engine_id,
+        # One list per KV cache group; a full-attention model has one group.
+        "remote_block_ids": [list(p.block_ids)],
+        "remote_request_id": p.request_id,
+        "remote_host": p.host,
+        "remote_port": p.port,
+        "tp_size": p.tp_size,
+        "remote_num_tokens": p.num_tokens,
+    }
+
+
+def from_vllm_kv_params(d: Mapping[str, Any], num_tokens: int) -> KVTransferParams:
+    """A prefill engine's finished-output kv_transfer_params as KVTransferParams.
+
+    vLLM 0.32 (nixl/pull_scheduler.py request_finished) returns remote_block_ids as one
+    list per KV cache group; KVTransferParams holds one list, so a model with several
+    groups (hybrid attention) is refused rather than silently cut. `num_tokens` (the
+    prompt length) stands in when vLLM sends no remote_num_tokens.
+    """
+    groups = d.get("remote_block_ids") or []
+    if groups and all(isinstance(b, int) for b in groups):  # a flat list (older vLLM)
+        groups = [groups]
+    if len(groups) > 1:
+        raise ValueError(f"{len(groups)} KV cache groups: KVTransferParams carries one")
+    for key in ("remote_engine_id", "remote_request_id", "remote_host", "remote_port"):
+        if d.get(key) is None:
+            raise ValueError(f"kv_transfer_params without {key}: {dict(d)}")
+    if d.get("dcp_size", 1) != 1 or d.get("pp_size", 1) != 1:
+        raise ValueError(f"dcp_size/pp_size > 1 are not carried by KVTransferParams: {dict(d)}")
+    return KVTransferParams(
+        engine_id=str(d["remote_engine_id"]),
+        block_ids=tuple(int(b) for b in (groups[0] if groups else ())),
+        host=str(d["remote_host"]),
+        port=int(d["remote_port"]),
+        request_id=str(d["remote_request_id"]),
+        tp_size=int(d.get("tp_size") or 1),
+        num_tokens=int(d.get("remote_num_tokens") or num_tokens),
+    )
+
+
+@dataclasses.dataclass
+class PDStats:
+    """Lifetime totals of one engine: prompt tokens by source, NIXL transfers (vLLM's own stats)."""
+
+    prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0  # prefilled here
+    local_cache_prompt_tokens: int = 0  # from this engine's prefix cache
+    kv_transfer_prompt_tokens: int = 0  # pulled from a prefill engine over NIXL
+    transfers: int = 0
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0  # NIXL's own xfer duration, summed
+    failed_transfers: int = 0
+    expired_kv_leases: int = 0  # prefill side: blocks released unpulled
+    notifications_after_expiry: int = 0
 
 
 # --- KV events from vLLM's ZMQ publisher -----------------------------------------
@@ -434,6 +524,7 @@ class _LatestStats:
     waiting: int = 0
     kv_cache_usage: float = 0.0
     generated_tokens: int = 0
+    pd: PDStats = dataclasses.field(default_factory=PDStats)
 
 
 class _StatsRecorder(StatLoggerBase):
@@ -447,8 +538,16 @@ class _StatsRecorder(StatLoggerBase):
             self._into.running = scheduler_stats.num_running_reqs
             self._into.waiting = scheduler_stats.num_waiting_reqs
             self._into.kv_cache_usage = scheduler_stats.kv_cache_usage
+            if scheduler_stats.kv_connector_stats:
+                _record_transfers(self._into.pd, scheduler_stats.kv_connector_stats)
         if iteration_stats is not None:
             self._into.generated_tokens += iteration_stats.num_generation_tokens
+            prompt = iteration_stats.prompt_token_stats
+            pd = self._into.pd
+            pd.prompt_tokens += prompt.total
+            pd.computed_prompt_tokens += prompt.computed
+            pd.local_cache_prompt_tokens += prompt.local_cache_hit
+            pd.kv_transfer_prompt_tokens += prompt.external_kv_transfer
 
     def log_engine_initialized(self) -> None:
         pass
@@ -458,3 +557,14 @@ class _StatsRecorder(StatLoggerBase):
 
     def record_sleep_state(self, *args, **kwargs) -> None:  # noqa: ANN002
         pass
+
+
+def _record_transfers(pd: PDStats, data: Mapping[str, Any]) -> None:
+    """Add one interval of NixlKVConnectorStats.data (lists of observations) to the totals."""
+    durations = data.get("transfer_duration") or []
+    pd.transfers += len(durations)
+    pd.transfer_seconds += float(sum(durations))
+    pd.transfer_bytes += int(sum(data.get("bytes_transferred") or []))
+    pd.failed_transfers += len(data.get("num_failed_transfers") or [])
+    pd.expired_kv_leases += len(data.get("num_kv_expired_reqs") or [])
+    pd.notifications_after_expiry += len(data.get("num_notifications_after_expiry") or [])
