@@ -8,6 +8,8 @@ The rule (decode first, as llm-d's pd-profile-handler):
    (`Decision.prefill_tokens`: prompt − its usable leading blocks, any tier). Remote only when
    uncached >= `remote_prefill_min_tokens`; else local.
 3. The prefill pool = the routable prefill-role workers serving the model. None → local.
+   Only a decode-role worker pulls KV (an aggregated one runs no KV connector): an aggregated
+   (Role.BOTH) decode choice prefills locally, rule "aggregated-decode-worker".
    Overloaded when even its least-queued worker has more than `max_prefill_queue` requests
    waiting for prefill (`WorkerState.waiting`) → local: waiting behind a backed-up pool costs
    more TTFT than the decode stall it saves.
@@ -57,7 +59,8 @@ DEFAULT_PREFILL_PROFILE: Mapping[str, Any] = {
     "speculative": {"ttl_s": 20},
 }
 
-RULES = ("remote", "below-threshold", "no-prefill-worker", "prefill-pool-overloaded", "unrouted")
+RULES = ("remote", "below-threshold", "aggregated-decode-worker", "no-prefill-worker",
+         "prefill-pool-overloaded", "unrouted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +138,10 @@ class Disaggregator:
         pool = [w for w in prefill_candidates if w.routable and w.model == request.model]
         if not pool:
             return DisaggDecision(decode, None, "no-prefill-worker", "local: no prefill worker", uncached)
+        chosen = next((w for w in decode_candidates if w.worker_id == decode.worker_id), None)
+        if chosen is not None and chosen.role != Role.DECODE:
+            return DisaggDecision(decode, None, "aggregated-decode-worker",
+                                  f"local: {decode.worker_id} is an aggregated worker", uncached)
         queue = min(w.waiting for w in pool)
         if queue > cfg.max_prefill_queue:
             return DisaggDecision(decode, None, "prefill-pool-overloaded",

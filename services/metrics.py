@@ -10,7 +10,7 @@ Prefix cache (engine-reported hits of the requests this replica routed, and what
 - llm_mesh_predicted_cached_prompt_tokens_total       hits the index predicted at the chosen worker
 - llm_mesh_prefix_cache_hit_ratio                     cached / prompt tokens since start
 Prefill/decode (scheduler/disagg.py):
-- llm_mesh_pd_decisions_total{rule}                   remote | below-threshold | no-prefill-worker | prefill-pool-overloaded | unrouted
+- llm_mesh_pd_decisions_total{rule}                   remote | below-threshold | aggregated-decode-worker | no-prefill-worker | prefill-pool-overloaded | unrouted
 - llm_mesh_pd_prefill_seconds                         remote prefill legs (dispatch → KV location back)
 - llm_mesh_pd_prefill_fallbacks_total                 remote prefills that failed or timed out: prefilled locally instead
 KV index:

@@ -16,16 +16,26 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_mesh.v1 import inference_pb2, inference_pb2_grpc, sampling_pb2, scheduler_pb2, scheduler_pb2_grpc
 from llm_mesh.v1 import worker_pb2, worker_pb2_grpc
 from services.tokenizer import ModelTokenizer
+from services.etcd_server import EtcdServer
+from services.procs import free_port
 from tests.conftest import SIM_ARGS, start_mesh
 
 PREFILL, DECODE = [*SIM_ARGS, "--role", "prefill"], [*SIM_ARGS, "--role", "decode"]
 
 
 @pytest.fixture(scope="module")
-def pd_mesh(etcd, model_dir, tmp_path_factory):
-    mesh = start_mesh(etcd, tmp_path_factory.mktemp("pd-mesh"), model_dir, [PREFILL, DECODE], lease_ttl=30)
-    yield mesh
-    mesh.stop()
+def pd_mesh(model_dir, tmp_path_factory):
+    """Its own etcd: the session's holds other tests' (aggregated) workers, and the prefill worker
+    this module kills keeps its 30 s lease after the module ends."""
+    tmp = tmp_path_factory.mktemp("pd-mesh")
+    etcd = EtcdServer(tmp / "etcd", free_port(), free_port())
+    etcd.start()
+    try:
+        mesh = start_mesh(etcd, tmp, model_dir, [PREFILL, DECODE], lease_ttl=30)
+        yield mesh
+        mesh.stop()
+    finally:
+        etcd.stop()
 
 
 def chat(text: str, **sampling) -> inference_pb2.GenerateRequest:

@@ -160,3 +160,11 @@ def test_dry_run_changes_nothing_and_a_real_decision_commits_both_legs():
     d = pd.decide(request(64), workers, BlockIndex())
     chosen = {w.worker_id: w.last_picked for w in workers if w.last_picked}
     assert set(chosen) == {d.decode_worker, d.prefill_worker}
+
+
+def test_an_aggregated_decode_choice_prefills_locally():
+    """A BOTH-role worker runs no KV connector: it cannot pull a remote prefill's KV."""
+    workers = [worker("p0", Role.PREFILL), worker("b0", Role.BOTH)]
+    d = Disaggregator(policy_by_name("ours")).decide(request(64), workers, BlockIndex())
+    assert d.decode_worker == "b0" and not d.remote and d.rule == "aggregated-decode-worker"
+    assert d.reason == "local: b0 is an aggregated worker" and d.decode_prefill_tokens == 1024
