@@ -220,6 +220,67 @@ def test_ttft_work_charge_scales_with_the_reusable_share_of_the_prompt():
     assert c.details["ttft.cost_s"] == approx([1.2 * 3, 1.6 * 3])
 
 
+def _route(scorer, workers, i, tokens, now):
+    """Score a cold prompt of `tokens` at `now`, commit it to workers[i] and dispatch it there."""
+    req = request(tokens // BS, tokens=tokens, now=now)
+    c = ctx(req, workers)
+    scorer.score(c, workers)
+    scorer.commit(c, workers[i])
+    return workers[i].start(tokens, req.num_blocks)
+
+
+def _probe(scorer, workers, tokens, now):
+    c = ctx(request(tokens // BS, tokens=tokens, now=now), workers)
+    scorer.score(c, workers)
+    return c.details
+
+
+def test_ttft_tracks_the_prefill_steps_it_dispatched():
+    workers = ws("a", "b")
+    scorer = TTFTScorer(prefill_tokens_per_s=1000, step_overhead_s=0.0, track_steps=True, batch_weight=1.0)
+    first = _route(scorer, workers, 0, 4000, now=0.0)  # a is idle: its 4 s step starts at once
+    d = _probe(scorer, workers, 160, now=3.0)
+    assert d["ttft.queue_s"] == approx([1.0, 0.0])  # 1 s of a's step is left (not the whole 4 s)
+    assert d["ttft.cost_s"] == approx([1.16, 0.16])  # nobody waits for a next step: no batch charge
+    second = _route(scorer, workers, 0, 2000, now=3.0)  # waits for a's next step
+    d = _probe(scorer, workers, 160, now=3.5)
+    assert d["ttft.queue_s"] == approx([0.5 + 2.0, 0.0])  # the step's rest, then the queued batch
+    assert d["ttft.predicted_s"] == approx([2.66, 0.16])
+    # Joining that batch delays the one request in it by this prefill: charged batch_weight x 1 x 0.16 s.
+    assert d["ttft.cost_s"] == approx([2.66 + 0.16, 0.16])
+    first.first_token()  # the step ended early (at 3.9 s): the queued batch runs from now
+    assert _probe(scorer, workers, 160, now=3.9)["ttft.queue_s"] == approx([2.0, 0.0])
+    second.first_token()  # none of ours waits there any more
+    assert _probe(scorer, workers, 160, now=5.0)["ttft.queue_s"] == approx([0.0, 0.0])
+
+
+def test_ttft_joins_the_step_a_busy_engine_is_about_to_start():
+    workers = ws("decoding", "idle")
+    workers[0].reported_running = 2  # mid decode step: what arrives before it ends is prefilled together
+    scorer = TTFTScorer(prefill_tokens_per_s=1000, step_overhead_s=0.0, track_steps=True, batch_weight=1.0,
+                        batch_window_s=0.01)
+    _route(scorer, workers, 0, 1000, now=0.0)  # its step starts after the decode step: 0.01 .. 1.01
+    d = _probe(scorer, workers, 500, now=0.0)  # same instant (a burst): joins it, ends it at 1.51
+    assert d["ttft.queue_s"] == approx([1.01, 0.0])
+    assert d["ttft.predicted_s"] == approx([1.51, 0.5])
+    assert d["ttft.cost_s"] == approx([1.51 + 0.5, 0.5])  # and delays the one already in it by 0.5 s
+    _route(scorer, workers, 0, 500, now=0.0)
+    assert _probe(scorer, workers, 500, now=0.0)["ttft.queue_s"] == approx([1.51, 0.0])
+    d = _probe(scorer, workers, 500, now=0.02)  # the step has started: wait for its end
+    assert d["ttft.queue_s"] == approx([1.49, 0.0])
+    assert d["ttft.cost_s"] == approx([1.99, 0.5])  # nobody is batched with it: no charge
+    # Without a clock the model is off: all of ours before their first token count, in full.
+    d = _probe(scorer, workers, 500, now=None)
+    assert d["ttft.queue_s"] == approx([1.5, 0.0])
+
+
+def test_ttft_rejects_negative_batch_params():
+    with pytest.raises(ValueError):
+        TTFTScorer(batch_weight=-1)
+    with pytest.raises(ValueError):
+        TTFTScorer(batch_window_s=-0.1)
+
+
 def test_speculative_runs_are_counted_at_stride_granularity():
     overlay = SpeculativePrefixes(stride=4)
     overlay.record(request(10, now=0.0), "a")  # positions 3, 7 and the last (9) recorded
