@@ -108,8 +108,7 @@ class Router:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, reason, retry_after_s=1.0)
         prefill_worker = self.pool.workers.get(pd.prefill.worker_id) if pd.prefill is not None else None
         # No await between decide and start: the next decision must see this one (both legs).
-        ticket = worker.state.start(pd.decode_prefill_tokens if prefill_worker else decision.prefill_tokens,
-                                    decision.request_blocks)
+        ticket = worker.state.start(0 if prefill_worker else decision.prefill_tokens, decision.request_blocks)
         prefill_ticket = (prefill_worker.state.start(pd.prefill.prefill_tokens, pd.prefill.request_blocks)
                           if prefill_worker is not None else None)
         dispatched = time.monotonic()

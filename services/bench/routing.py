@@ -45,7 +45,8 @@ import time
 
 from services.bench.des import ClusterSpec, _Hasher, simulate
 from services.bench.workload import CHUNK_TOKENS, WorkloadRequest, load_trace, long_short_mix, shared_prefix
-from services.engines.sim_model import KVTransfer, SimLatency
+from services.engines.sim_engine import add_kv_transfer_arguments, kv_transfer_from_args
+from services.engines.sim_model import SimLatency
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRACE_NAME = "mooncake_conversation_trace.jsonl"
@@ -95,18 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="sim latency model: SimLatency defaults, or the fit to the real vLLM engine")
     c.add_argument("--calibration", type=pathlib.Path, default=None,
                    help="calibration JSON (implies --latency calibrated; default bench-results/calibration.json)")
-    kv = KVTransfer()
     c.add_argument("--prefill-workers", type=int, default=0,
                    help="P/D (sim): prefill-only workers; the rest of --workers decode "
                         "(default 0: aggregated)")
     c.add_argument("--decode-workers", type=int, default=None,
                    help="P/D (sim): decode workers (default --workers minus --prefill-workers)")
-    c.add_argument("--kv-bandwidth-gbps", type=float, default=kv.bandwidth_gbps,
-                   help="P/D: KV pull bandwidth into a decode worker, gigabits/s (400 = 50 GB/s)")
-    c.add_argument("--kv-bytes-per-token", type=int, default=kv.bytes_per_token,
-                   help="P/D: KV bytes per token (default: Llama-3-8B bf16, 128 KiB)")
-    c.add_argument("--kv-latency-ms", type=float, default=kv.latency_s * 1e3,
-                   help="P/D: fixed latency of one KV pull")
+    add_kv_transfer_arguments(c)
     parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated")
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")
     parser.add_argument("--seed", type=int, default=0, help="workload and policy randomness")
@@ -138,8 +133,7 @@ def resolve_latency(args: argparse.Namespace) -> tuple[SimLatency, dict]:
 
 def build_spec(args: argparse.Namespace, latency: SimLatency) -> ClusterSpec:
     """The cluster: aggregated `--workers`, or P/D when `--prefill-workers`/`--decode-workers` are given."""
-    kv = KVTransfer(bytes_per_token=args.kv_bytes_per_token, bandwidth_gbps=args.kv_bandwidth_gbps,
-                    latency_s=args.kv_latency_ms / 1e3)
+    kv = kv_transfer_from_args(args)
     common = dict(block_size=args.block_size, num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
                   max_model_len=args.max_model_len, latency=latency, kv_transfer=kv)
     if args.prefill_workers == 0 and args.decode_workers is None:

@@ -317,15 +317,29 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
                    help="uncached prompt tokens per prefill step")
     g.add_argument("--sim-eos-probability", type=float, default=d.eos_probability,
                    help="chance per token of a simulated EOS (0: run to max_tokens)")
-    kv = KVTransfer()
-    g.add_argument("--sim-kv-bandwidth-gbps", type=float, default=kv.bandwidth_gbps,
-                   help="P/D: modelled KV pull bandwidth into this (decode) worker, gigabits/s")
-    g.add_argument("--sim-kv-bytes-per-token", type=int, default=kv.bytes_per_token,
-                   help="P/D: modelled KV bytes per token")
-    g.add_argument("--sim-kv-latency-ms", type=float, default=kv.latency_s * 1e3,
-                   help="P/D: modelled fixed latency of one KV pull")
+    add_kv_transfer_arguments(g, "sim-")
     g.add_argument("--sim-hash-seed", default=DEFAULT_SEED,
                    help="block hash root seed (vLLM's default; must match the scheduler)")
+
+
+def add_kv_transfer_arguments(group: argparse._ArgumentGroup, prefix: str = "") -> None:
+    """The modelled KV pull's flags (`--<prefix>kv-bandwidth-gbps`, `-bytes-per-token`, `-latency-ms`):
+    the sim worker's (prefix "sim-") and `bench routing`'s (no prefix)."""
+    kv = KVTransfer()
+    group.add_argument(f"--{prefix}kv-bandwidth-gbps", type=float, default=kv.bandwidth_gbps,
+                       help="P/D: KV pull bandwidth into a decode worker, gigabits/s (400 = 50 GB/s)")
+    group.add_argument(f"--{prefix}kv-bytes-per-token", type=int, default=kv.bytes_per_token,
+                       help="P/D: KV bytes per token (default: Llama-3-8B bf16, 128 KiB)")
+    group.add_argument(f"--{prefix}kv-latency-ms", type=float, default=kv.latency_s * 1e3,
+                       help="P/D: fixed latency of one KV pull")
+
+
+def kv_transfer_from_args(args: argparse.Namespace, prefix: str = "") -> KVTransfer:
+    """The KVTransfer of the flags add_kv_transfer_arguments(…, prefix) added."""
+    p = prefix.replace("-", "_")
+    return KVTransfer(bytes_per_token=getattr(args, f"{p}kv_bytes_per_token"),
+                      bandwidth_gbps=getattr(args, f"{p}kv_bandwidth_gbps"),
+                      latency_s=getattr(args, f"{p}kv_latency_ms") / 1e3)
 
 
 def build_sim_engine(args: argparse.Namespace) -> SimEngine:
@@ -337,6 +351,5 @@ def build_sim_engine(args: argparse.Namespace) -> SimEngine:
         hash_seed=args.sim_hash_seed,
         latency=SimLatency(prefill_per_token_s=args.sim_prefill_per_token, step_overhead_s=args.sim_step_overhead,
                            itl_s=args.sim_itl, batch_slowdown=args.sim_batch_slowdown),
-        kv_transfer=KVTransfer(bytes_per_token=args.sim_kv_bytes_per_token, bandwidth_gbps=args.sim_kv_bandwidth_gbps,
-                               latency_s=args.sim_kv_latency_ms / 1e3),
+        kv_transfer=kv_transfer_from_args(args, "sim-"),
     )
