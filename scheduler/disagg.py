@@ -135,7 +135,7 @@ class Disaggregator:
         if uncached < cfg.remote_prefill_min_tokens:
             why = f"local: {uncached} uncached tokens < {cfg.remote_prefill_min_tokens}"
             return DisaggDecision(decode, None, "below-threshold", why, uncached)
-        pool = [w for w in prefill_candidates if w.routable and w.model == request.model]
+        pool = [w for w in prefill_candidates if w.unavailable_reason(request) is None and w.model == request.model]
         if not pool:
             return DisaggDecision(decode, None, "no-prefill-worker", "local: no prefill worker", uncached)
         chosen = next((w for w in decode_candidates if w.worker_id == decode.worker_id), None)

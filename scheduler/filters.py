@@ -2,7 +2,8 @@
 
 Each returns the reason a worker is rejected (shown by Explain) or None.
 - `model`: the worker serves the request's model.
-- `routable`: the worker accepts new requests (not draining).
+- `routable`: the worker accepts new requests: not draining, its circuit breaker closed
+  (scheduler/resilience.py), and not one that already failed this request (failover).
 - `role`: the worker's role is allowed (params `allowed`: list of prefill/decode/both;
   default [both, decode]: an aggregated request may run on a decode worker, which
   prefills locally, but never on a prefill-only worker). `RequestView.roles` overrides.
@@ -27,7 +28,7 @@ class RoutableFilter:
     name = "routable"
 
     def reject(self, request: RequestView, worker: WorkerState) -> str | None:
-        return None if worker.routable else "not routable"
+        return worker.unavailable_reason(request)
 
 
 class RoleFilter:

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from scheduler.index import BlockIndex, PrefixMatch, Tier
+from scheduler.resilience import Circuit
 
 if TYPE_CHECKING:
     from scheduler.disagg import DisaggConfig
@@ -79,6 +80,19 @@ class WorkerState:
     # Measured mean request duration (dispatch → last token), EWMA; None until measured.
     mean_request_s: float | None = None
     last_picked: int = 0  # pick sequence number of the policy that last chose it; 0 = never
+    # Failover (scheduler/resilience.py): opened when a request failed here before its first token.
+    circuit: Circuit = dataclasses.field(default_factory=Circuit)
+
+    def unavailable_reason(self, request: RequestView) -> str | None:
+        """Why this worker must not take `request` now (the `routable` filter), or None:
+        draining, already failed this request (failover), or its circuit is open."""
+        if not self.routable:
+            return "not routable"
+        if self.worker_id in request.exclude:
+            return "failed this request"
+        if request.now is not None and not self.circuit.allows(request.now):
+            return f"circuit open ({self.circuit.last_error or 'failed'})"
+        return None
 
     @property
     def busy(self) -> int:
@@ -178,6 +192,7 @@ class RequestView:
     # time-based policy state (speculative prefixes' TTL) uses it; None = no clock.
     now: float | None = None
     roles: frozenset[Role] | None = None  # override the role filter's allowed roles
+    exclude: frozenset[str] = frozenset()  # worker ids that already failed this request (failover)
 
     @property
     def num_blocks(self) -> int:

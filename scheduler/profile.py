@@ -8,6 +8,7 @@
     picker: {name: max-score, params: {tie_break: lru}}
     speculative: {ttl_s: 20}        # optional: remember routed prefixes until KV events confirm them
     disaggregation: {remote_prefill_min_tokens: 64, max_prefill_queue: 8}   # optional: P/D thresholds
+    planner: {ttft_p90_s: 2.0, itl_p90_s: 0.05}   # optional: scaling planner (scheduler/PLANNER.md)
 
 `filters` defaults to [model, routable, role]; `picker` to max-score. A weight
 is a finite number >= 0 (0 disables a scorer). Names and params are checked
@@ -25,13 +26,14 @@ import yaml
 
 from scheduler.disagg import config_from_profile
 from scheduler.filters import DEFAULT_FILTERS, FILTERS
+from scheduler.planner import config_from_profile as planner_config_from_profile
 from scheduler.framework import ProfilePolicy
 from scheduler.pickers import PICKERS
 from scheduler.scorers import SCORERS
 from scheduler.speculative import SpeculativePrefixes
 
 PROFILES_DIR = pathlib.Path(__file__).with_name("profiles")
-_KEYS = {"name", "description", "filters", "scorers", "picker", "speculative", "disaggregation"}
+_KEYS = {"name", "description", "filters", "scorers", "picker", "speculative", "disaggregation", "planner"}
 
 
 class ProfileError(ValueError):
@@ -72,6 +74,7 @@ def load_profile(source: str | pathlib.Path | Mapping[str, Any]) -> ProfilePolic
     policy = ProfilePolicy(name, filters, scorers, picker, overlay)
     try:
         policy.disagg = config_from_profile(spec.get("disaggregation"), where)
+        policy.planner = planner_config_from_profile(spec.get("planner"), where)
     except ValueError as exc:
         raise ProfileError(str(exc)) from None
     return policy

@@ -18,6 +18,8 @@ COMMANDS = [
     ("worker", "services.worker", "run one inference worker (vllm or sim engine)"),
     ("scheduler", "services.scheduler_service", "run a scheduler replica (public Inference + admin gRPC)"),
     ("gateway", "services.gateway", "run the OpenAI-compatible REST gateway"),
+    ("top", "services.top", "live view of workers, requests, P/D decisions, scaling plan and errors"),
+    ("chaos", "services.chaos", "faults into a local mesh under load (workers, schedulers, etcd): what is lost?"),
 ]
 
 BENCHMARKS = [
@@ -25,6 +27,8 @@ BENCHMARKS = [
     ("calibrate", "services.bench.calibrate", "fit the sim engine's latency model to the real vLLM engine"),
     ("routing", "services.bench.routing", "every routing policy side by side on a trace (simulated time or live)"),
     ("scheduler", "services.bench.scheduler", "one scheduler replica: decision latency, tokenize+hash, KV ingest, requests/s"),
+    ("nixl", "services.bench.nixl", "NIXL READ/WRITE between two processes vs memcpy vs gRPC, GB/s"),
+    ("pd", "services.bench.pd", "prefill/decode on two vLLM engines vs one aggregated: TTFT, ITL, E2E, KV transfer"),
 ]
 
 
@@ -73,6 +77,9 @@ def _subcommand(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from services.procs import die_with_parent_if_asked
+
+    die_with_parent_if_asked()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

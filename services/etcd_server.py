@@ -7,9 +7,11 @@ an `etcd` on PATH (Debian's etcd-server).
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
 import signal
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -32,12 +34,37 @@ def etcd_binary() -> str:
     return found
 
 
+@dataclasses.dataclass(frozen=True)
+class EtcdServerTls:
+    """TLS on etcd's client port: serve `cert`/`key`; with `client_cert_auth`, clients must
+    present a certificate signed by `ca` (etcd's --client-cert-auth). `client_cert`/`client_key`
+    are what `healthy()` presents then."""
+
+    cert: str
+    key: str
+    ca: str
+    client_cert_auth: bool = False
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def flags(self) -> list[str]:
+        flags = ["--cert-file", self.cert, "--key-file", self.key, "--trusted-ca-file", self.ca]
+        return flags + (["--client-cert-auth"] if self.client_cert_auth else [])
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.client_cert:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        return context
+
+
 class EtcdServer:
     """One etcd process; `endpoint` is host:port for clients."""
 
     def __init__(self, data_dir: pathlib.Path, client_port: int, peer_port: int, host: str = "127.0.0.1",
-                 log_path: pathlib.Path | None = None) -> None:
+                 log_path: pathlib.Path | None = None, tls: EtcdServerTls | None = None) -> None:
         self.data_dir = data_dir
+        self.tls = tls
         self.host = host
         self.client_port = client_port
         self.peer_port = peer_port
@@ -49,7 +76,7 @@ class EtcdServer:
         return f"{self.host}:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        client_url = f"http://{self.host}:{self.client_port}"
+        client_url = f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
         peer_url = f"http://{self.host}:{self.peer_port}"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
@@ -65,6 +92,7 @@ class EtcdServer:
             "--heartbeat-interval", "10",
             "--election-timeout", "100",
             "--log-level", "warn",
+            *(self.tls.flags() if self.tls else []),
         ]
         # The binary itself, not a Python wrapper: the pid we hold is etcd's.
         self.child = Child("etcd", args, self.log_path)
@@ -77,7 +105,9 @@ class EtcdServer:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as resp:
+            scheme, context = ("https", self.tls.client_context()) if self.tls else ("http", None)
+            url = f"{scheme}://{self.endpoint}/health"
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                 return b'"true"' in resp.read()
         except (urllib.error.URLError, OSError):
             return False

@@ -32,6 +32,15 @@ Streaming: the first chunk is awaited before the 200 is sent, so an error the
 scheduler raises up front is a real HTTP status; an error after that is an SSE
 `data: {"error": ...}` event followed by `data: [DONE]`. A client that
 disconnects cancels the gRPC call, so the scheduler aborts the engine request.
+
+Auth (`--api-key-file`, services/auth.py): /v1/* then needs `Authorization: Bearer <key>`, else
+401 with `WWW-Authenticate: Bearer`; the header is forwarded to the scheduler as gRPC metadata.
+Health and metrics stay open.
+
+Health: `/health/live` is 200 while the process serves HTTP; `/health/ready` is 200 only
+while the scheduler's gRPC health says SERVING for llm_mesh.v1.Inference (it is not without
+a routable worker), else 503; `/health` (kept as it was) is 200 when the scheduler answers
+ListModels. Metrics (`--metrics-port`): services/gateway_metrics.py.
 """
 
 from __future__ import annotations
@@ -48,13 +57,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llm_mesh.v1 import inference_pb2, inference_pb2_grpc
+from services import auth, security, tls, tracing
+from services.gateway_metrics import GatewayMetrics
 from services.grpc_util import CHANNEL_OPTIONS
 from services.openai_rest import (
     ApiError, Envelope, chat_chunk_json, chat_completion_json, chat_request, completion_json, completion_request,
@@ -65,9 +78,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 HEALTH_TIMEOUT_S = 2.0
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 # ---------------------------------------------------------------- the app
+
+
+def _forwarded(request: Request) -> tuple[tuple[str, str], ...]:
+    """The headers the scheduler acts on, as gRPC metadata: Authorization (the client's API key:
+    a scheduler with --api-key-file checks it too) and X-Tenant-Id (admission fairness; the
+    scheduler validates it)."""
+    credentials = auth.grpc_metadata(request.headers.get("authorization"))
+    tenant = request.headers.get("x-tenant-id")
+    if tenant is None:
+        return credentials
+    if not (tenant.isascii() and tenant.isprintable()) or len(tenant) > 128:
+        raise ApiError(400, "X-Tenant-Id must be at most 128 printable ASCII characters", param="X-Tenant-Id")
+    return (*credentials, ("x-tenant-id", tenant))
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -78,17 +105,24 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 class _Scheduler:
     """The gRPC channel, opened lazily inside the serving event loop."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, tls_files: tls.TlsFiles | None = None) -> None:
         self.target = target
+        self.tls = tls_files
         self._channel: grpc.aio.Channel | None = None
         self._stub: inference_pb2_grpc.InferenceStub | None = None
 
     @property
     def stub(self) -> inference_pb2_grpc.InferenceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            self._channel = tls.open_channel(self.target, self.tls, options=CHANNEL_OPTIONS,
+                                             interceptors=tracing.client_interceptors(self.target))
             self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         return self._stub
+
+    @property
+    def health(self) -> health_pb2_grpc.HealthStub:
+        self.stub  # opens the channel
+        return health_pb2_grpc.HealthStub(self._channel)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -134,9 +168,11 @@ async def _unless_disconnected(request: Request, call: Any, step: Awaitable[Any]
 
 
 def build_app(scheduler_target: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              request_timeout: float | None = None) -> Starlette:
-    """The gateway as an ASGI app talking to the scheduler at `scheduler_target` (host:port)."""
-    scheduler = _Scheduler(scheduler_target)
+              request_timeout: float | None = None, *, api_keys: auth.ApiKeys | None = None,
+              tls_files: tls.TlsFiles | None = None) -> Starlette:
+    """The gateway as an ASGI app talking to the scheduler at `scheduler_target` (host:port).
+    With `api_keys`, /v1/* needs `Authorization: Bearer <key>` (401 otherwise)."""
+    scheduler = _Scheduler(scheduler_target, tls_files)
 
     async def _stream(request: Request, call: Any, to_json: Callable[[Any, Envelope], dict[str, Any]],
                       env: Envelope, include_usage: bool) -> Response:
@@ -175,9 +211,9 @@ def build_app(scheduler_target: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
         req, options = chat_request(await read_json_object(request, max_body_bytes))
         env = Envelope("chatcmpl", req.model)
         if options.stream:
-            call = scheduler.stub.StreamChatCompletion(req, timeout=request_timeout)
+            call = scheduler.stub.StreamChatCompletion(req, timeout=request_timeout, metadata=_forwarded(request))
             return await _stream(request, call, chat_chunk_json, env, options.include_usage)
-        call = scheduler.stub.CreateChatCompletion(req, timeout=request_timeout)
+        call = scheduler.stub.CreateChatCompletion(req, timeout=request_timeout, metadata=_forwarded(request))
         msg = await _unless_disconnected(request, call, call)
         return JSONResponse(chat_completion_json(msg, env))
 
@@ -185,28 +221,52 @@ def build_app(scheduler_target: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
         req, options = completion_request(await read_json_object(request, max_body_bytes))
         env = Envelope("cmpl", req.model)
         if options.stream:
-            call = scheduler.stub.StreamCompletion(req, timeout=request_timeout)
+            call = scheduler.stub.StreamCompletion(req, timeout=request_timeout, metadata=_forwarded(request))
             return await _stream(request, call, completion_json, env, options.include_usage)
-        call = scheduler.stub.CreateCompletion(req, timeout=request_timeout)
+        call = scheduler.stub.CreateCompletion(req, timeout=request_timeout, metadata=_forwarded(request))
         msg = await _unless_disconnected(request, call, call)
         out = completion_json(msg, env)
         out["usage"] = usage_json(msg.usage)
         return JSONResponse(out)
 
     async def models(request: Request) -> Response:
-        call = scheduler.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=request_timeout)
+        call = scheduler.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=request_timeout,
+                                         metadata=_forwarded(request))
         return JSONResponse(models_json(await _unless_disconnected(request, call, call)))
 
     async def health(request: Request) -> Response:
         try:
             await scheduler.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=HEALTH_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
+            # A scheduler that wants an API key (the gateway holds none: it forwards the client's) answered.
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                return JSONResponse({"status": "unavailable", "reason": f"scheduler: {exc.code().name}"},
+                                    status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        """Ready while the scheduler's gRPC health says SERVING for the Inference service
+        (it is only with a routable worker: services/readiness.py)."""
+        try:
+            reply = await scheduler.health.Check(health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE),
+                                                 timeout=HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
             return JSONResponse({"status": "unavailable", "reason": f"scheduler: {exc.code().name}"},
                                 status_code=503)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            return JSONResponse({"status": "unavailable", "reason": f"scheduler: {status}"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
+            if api_keys is not None and not api_keys.accepts_header(request.headers.get("authorization")):
+                error = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                return JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
             try:
                 return await handler(request)
             except ApiError as exc:
@@ -238,8 +298,12 @@ def build_app(scheduler_target: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTE
         Route("/v1/completions", guarded(completions), methods=["POST"]),
         Route("/v1/models", guarded(models), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
+        Route("/health/ready", ready, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan,
+    middleware = ([Middleware(tracing.HttpTracingMiddleware, routes=[r.path for r in routes])]
+                  if tracing.enabled() else [])
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                      exception_handlers={HTTPException: http_error, Exception: internal_error})
 
 
@@ -257,6 +321,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds before a request's gRPC call is cut off (default: none)")
     parser.add_argument("--etcd", default=None,
                         help="comma-separated etcd endpoints; when given the gateway registers itself")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    security.add_arguments(parser, api_keys=True)
 
 
 class _QuietServer:
@@ -281,7 +347,13 @@ class _QuietServer:
 async def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    app = build_app(args.scheduler, args.max_body_bytes, args.request_timeout)
+    app = build_app(args.scheduler, args.max_body_bytes, args.request_timeout, api_keys=auth.from_args(args),
+                    tls_files=tls.from_args(args))
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = GatewayMetrics([route.path for route in app.routes])
+        app = metrics.wrap(app)
+        metrics.serve(args.metrics_port, args.host)
     quiet = _QuietServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                         timeout_graceful_shutdown=10))
     loop = asyncio.get_running_loop()
@@ -298,7 +370,11 @@ async def _serve(args: argparse.Namespace) -> None:
             member = membership_pb2.Member(
                 id=f"gateway-{args.port}-{secrets.token_hex(3)}", kind=membership_pb2.MEMBER_KIND_GATEWAY,
                 address=f"{args.host}:{args.port}", started_at=int(time.time()), version=_version())
-            await stack.enter_async_context(membership.Registration(membership.parse_endpoints(args.etcd), member))
+            registration = membership.Registration(membership.parse_endpoints(args.etcd), member,
+                                                   etcd=membership.etcd_settings(args))
+            await stack.enter_async_context(registration)
+            if metrics is not None:
+                metrics.watch_lease(registration)
         await serving
 
 
@@ -313,7 +389,12 @@ def _version() -> str:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(args))
+    security.configure(args)
+    tracing.setup_tracing("llm-mesh-gateway")
+    try:
+        asyncio.run(_serve(args))
+    finally:
+        tracing.shutdown_tracing()  # after SIGTERM too: _serve returns once uvicorn has stopped
     return 0
 
 

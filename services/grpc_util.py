@@ -4,15 +4,22 @@ errors as status codes with google.rpc details, and stop-on-signal."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
-from collections.abc import Iterable
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+
+from services import tracing
+from services.tls import TlsFiles, server_credentials
 
 # Generous message limits: a 220 KB prompt as token ids is far below this, and a
 # limit we set ourselves gives a clear RESOURCE_EXHAUSTED rather than a crash.
@@ -27,21 +34,95 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def make_server(address: str, service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
+def make_server(address: str, service_names: Iterable[str], *, tls: TlsFiles | None = None,
+                interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                ) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
     """A grpc.aio server bound to `address` (port 0 picks a free one) with the
     standard health and reflection services. Returns (server, health, port).
+    TLS (mTLS with a CA) when `tls` holds a certificate (services/tls.py); `interceptors` run
+    after tracing's (e.g. services.auth.ApiKeyInterceptor).
 
-    Health starts NOT_SERVING for every service; callers flip it when ready.
+    Health: grpc's servicer answers SERVING for "" from the start; drive it with
+    services.readiness.Readiness ("liveness", and readiness only once truly ready).
     """
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[
+        InputGuard(), *tracing.server_interceptors(), *interceptors])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    credentials = server_credentials(tls)
+    port = (server.add_insecure_port(address) if credentials is None
+            else server.add_secure_port(address, credentials))
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     return server, health_servicer, port
+
+
+class _Undecodable:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _unpin(exc: BaseException | None) -> None:
+    """Drop the locals of the finished frames in `exc`'s tracebacks (and its context's): grpc.aio
+    keeps an abort's exception in a reference cycle, which would pin the request (up to
+    MAX_MESSAGE_BYTES of it) until the next full garbage collection."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__context__
+
+
+class InputGuard(grpc.aio.ServerInterceptor):
+    """The edge for hostile requests, on every server: a request that is not a valid protobuf
+    message (bad wire format, invalid UTF-8 in a string) is INVALID_ARGUMENT (grpc.aio would
+    answer UNKNOWN), and a failed call does not keep its request alive (see _unpin)."""
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except DecodeError as exc:
+                return _Undecodable(str(exc))
+
+        async def reject(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.reason}")
+
+        def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behavior):
+                async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    try:
+                        if isinstance(request, _Undecodable):
+                            await reject(context, request)
+                        async for response in behavior(request, context):
+                            yield response
+                    except BaseException as exc:
+                        _unpin(exc)
+                        del request
+                        raise
+                return stream
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    if isinstance(request, _Undecodable):
+                        await reject(context, request)
+                    return await behavior(request, context)
+                except BaseException as exc:
+                    _unpin(exc)
+                    del request
+                    raise
+            return unary
+
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        return handler._replace(request_deserializer=deserialize, **{kind: guard(getattr(handler, kind))})
 
 
 async def set_serving(health_servicer: health.HealthServicer, names: Iterable[str], serving: bool) -> None:

@@ -41,6 +41,7 @@ import grpc
 from llm_mesh.v1 import membership_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.index import Tier
 from services.grpc_util import CHANNEL_OPTIONS
+from services.tls import TlsFiles, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,9 @@ class KVEventSubscriber:
 
     def __init__(self, members: MemberSource, index: BlockIndexLike, *, retry_initial_s: float = 0.1,
                  retry_max_s: float = 5.0, idle_timeout_s: float = 10.0,
-                 include_token_ids: bool = False) -> None:
+                 include_token_ids: bool = False, tls: TlsFiles | None = None) -> None:
         self.members = members
+        self.tls = tls
         self.index = index
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
@@ -180,7 +182,7 @@ class KVEventSubscriber:
 
     async def _follow(self, feed: WorkerFeed) -> None:
         delay = self.retry_initial_s
-        async with grpc.aio.insecure_channel(feed.address, options=CHANNEL_OPTIONS) as channel:
+        async with open_channel(feed.address, self.tls, options=CHANNEL_OPTIONS) as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             while True:
                 feed.streams += 1

@@ -2,7 +2,9 @@
 
 Layout: `/llm-mesh/v1/<kind>/<id>` → `llm_mesh.v1.Member` as protobuf JSON,
 attached to the member's lease. A process that dies stops renewing its lease;
-etcd deletes the key after the TTL, and every watcher sees a delete.
+etcd deletes the key after the TTL, and every watcher sees a delete. A worker
+whose engine moves KV over NIXL also keeps `/llm-mesh/v1/nixl/<id>` →
+`llm_mesh.v1.NixlAgentMetadata` under the same lease (Registration.attach).
 
 Invariants:
 - A `Registration` keeps its key present for as long as the context is open,
@@ -16,9 +18,13 @@ Invariants:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import pathlib
+import time
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -51,10 +57,104 @@ def member_key(member: membership_pb2.Member) -> str:
     return kind_prefix(member.kind) + member.id
 
 
+def nixl_metadata_key(member_id: str) -> str:
+    """Where a worker keeps its NIXL agent metadata (under its lease)."""
+    return f"{KEY_ROOT}nixl/{member_id}"
+
+
 def parse_endpoints(value: str | Sequence[str]) -> list[str]:
     """'h1:2379,h2:2379' or a list → ['h1:2379', 'h2:2379']."""
     items = value.split(",") if isinstance(value, str) else list(value)
     return [e.strip().removeprefix("http://") for e in items if e.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdSettings:
+    """How this process reaches etcd beyond its endpoints: TLS (verify etcd against `ca`;
+    `cert`/`key` for etcd's --client-cert-auth) and user/password auth. Defaults: plaintext, no auth."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password_file: str | None = None
+
+    def client_options(self) -> dict[str, bytes]:
+        """etcd3aio's TLS keyword arguments (ca_cert, cert_key, cert_chain), files read now."""
+        if (self.cert or self.key) and not self.ca:
+            raise SystemExit("--etcd-cert/--etcd-key need --etcd-ca")
+        pairs = {"ca_cert": self.ca, "cert_key": self.key, "cert_chain": self.cert}
+        return {name: pathlib.Path(path).read_bytes() for name, path in pairs.items() if path}
+
+    def password(self) -> str:
+        if not self.password_file:
+            raise SystemExit("--etcd-user needs --etcd-password-file")
+        return pathlib.Path(self.password_file).read_text().strip()
+
+    def cli_args(self) -> list[str]:
+        """The flags that give a child process the same settings (`llm-mesh up`)."""
+        pairs = [("--etcd-ca", self.ca), ("--etcd-cert", self.cert), ("--etcd-key", self.key),
+                 ("--etcd-user", self.user), ("--etcd-password-file", self.password_file)]
+        return [item for flag, value in pairs if value for item in (flag, value)]
+
+
+def add_etcd_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("etcd TLS and auth (off when not given)")
+    group.add_argument("--etcd-ca", default=None, help="PEM CA to verify etcd against (turns TLS on)")
+    group.add_argument("--etcd-cert", default=None, help="PEM client certificate for etcd's --client-cert-auth")
+    group.add_argument("--etcd-key", default=None, help="PEM private key of --etcd-cert")
+    group.add_argument("--etcd-user", default=None, help="etcd user (etcd auth enabled)")
+    group.add_argument("--etcd-password-file", default=None, help="file holding the password of --etcd-user")
+
+
+def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
+    return EtcdSettings(*(getattr(args, name, None) for name in
+                          ("etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file")))
+
+
+_TOKEN_REFRESH_S = 240.0  # etcd's simple tokens live 300 s by default
+
+
+class EtcdConnection:
+    """The one place an etcd client is built: an etcd3aio client with these settings. With a
+    user, `connect` keeps an auth token fresh in the background (retrying while etcd is down,
+    so a process still starts, and keeps serving, through an outage)."""
+
+    def __init__(self, endpoints: Sequence[str], settings: EtcdSettings | None = None, **options: object) -> None:
+        self.settings = settings or EtcdSettings()
+        self._password = self.settings.password() if self.settings.user else None
+        self.client = Etcd3Client(list(endpoints), **options, **self.settings.client_options())
+        self._auth_task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        await self.client.connect()
+        if self._password is not None:
+            authenticated = await self._authenticate()  # before the first request, when etcd is up
+            self._auth_task = asyncio.create_task(self._keep_token(authenticated), name="etcd-auth")
+
+    async def close(self) -> None:
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._auth_task
+        await self.client.close()
+
+    async def _authenticate(self) -> bool:
+        assert self.settings.user and self._password is not None
+        try:
+            reply = await self.client.auth.authenticate(self.settings.user, self._password,
+                                                        timeout=_RPC_TIMEOUT_S)
+        except _ETCD_ERRORS as exc:
+            log.warning("etcd authentication as %s failed (%s); retrying", self.settings.user,
+                        type(exc).__name__)
+            return False
+        self.client.set_token(reply.token)
+        return True
+
+    async def _keep_token(self, authenticated: bool) -> None:
+        while True:
+            await asyncio.sleep(_TOKEN_REFRESH_S if authenticated else _RETRY_S)
+            authenticated = await self._authenticate()
 
 
 def encode(member: membership_pb2.Member) -> bytes:
@@ -74,22 +174,46 @@ class Registration:
         # lease revoked here
 
     Keep-alive runs every ttl/3; on etcd errors it retries every second.
+
+    Health, for readiness and metrics (services/readiness.py, services/metrics.py read it;
+    this module stays free of both): `healthy` (the last keep-alive succeeded),
+    `lease_alive` (the lease has not expired by our last renewal, so a short etcd outage
+    keeps it true), `keepalive_failures` and `registrations` (lifetime counts).
     """
 
-    def __init__(self, endpoints: Sequence[str], member: membership_pb2.Member, ttl: int = DEFAULT_TTL_S) -> None:
+    def __init__(self, endpoints: Sequence[str], member: membership_pb2.Member, ttl: int = DEFAULT_TTL_S,
+                 etcd: EtcdSettings | None = None) -> None:
         if ttl < 2:
             raise ValueError("lease TTL must be at least 2 s")
         self.member = member
         self.ttl = ttl
         self.key = member_key(member)
         self.registered = asyncio.Event()
-        self._client = Etcd3Client(list(endpoints), rpc_max_attempts=1)
+        self._etcd = EtcdConnection(endpoints, etcd, rpc_max_attempts=1)
+        self._client = self._etcd.client
         self._lease_id: int | None = None
+        self._lease_expires = 0.0  # time.monotonic() by which the lease is gone unless renewed
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._attached: dict[str, bytes] = {}  # other keys under the same lease
+        self.healthy = False
+        self.keepalive_failures = 0
+        self.registrations = 0  # grants of a lease + put; every one after the first is a re-registration
+
+    @property
+    def ever_registered(self) -> bool:
+        """Registered at least once. Readiness keys on this, not on `lease_alive`: through an
+        etcd outage the process keeps serving (schedulers keep their last view of the
+        workers), and it registers again when etcd returns; only a drain ends readiness."""
+        return self.registrations > 0
+
+    @property
+    def lease_alive(self) -> bool:
+        """Registered, and the lease outlives now by our last successful renewal."""
+        return self._lease_id is not None and time.monotonic() < self._lease_expires
 
     async def __aenter__(self) -> Registration:
-        await self._client.connect()
+        await self._etcd.connect()
         self._task = asyncio.create_task(self._run(), name=f"etcd-registration-{self.member.id}")
         return self
 
@@ -101,7 +225,13 @@ class Registration:
         if self._lease_id is not None:
             with contextlib.suppress(*_ETCD_ERRORS):
                 await self._client.lease.revoke(self._lease_id, timeout=_RPC_TIMEOUT_S)
-        await self._client.close()
+        await self._etcd.close()
+
+    def attach(self, key: str, value: bytes) -> None:
+        """Keep `key` in etcd under this member's lease (e.g. its NIXL agent metadata):
+        written with the member record, re-written on re-registration, gone with the lease."""
+        self._attached[key] = value
+        self._changed.set()
 
     def update(self, member: membership_pb2.Member) -> None:
         """Publish a new record for the same id (e.g. a state change)."""
@@ -112,31 +242,42 @@ class Registration:
     async def _run(self) -> None:
         while True:
             try:
+                sent = time.monotonic()  # the TTL counts from before the request reached etcd
                 if self._lease_id is None:
                     lease = await self._client.lease.grant(self.ttl, timeout=_RPC_TIMEOUT_S)
-                    await self._client.kv.put(self.key, encode(self.member), lease=lease.ID,
-                                              timeout=_RPC_TIMEOUT_S)
-                    self._lease_id = lease.ID
+                    await self._put_all(lease.ID)
+                    self._lease_id, self._lease_expires = lease.ID, sent + lease.TTL
+                    self.registrations += 1
                     self.registered.set()
                     log.info("registered %s (lease %x, ttl %ss)", self.key, lease.ID, self.ttl)
                 elif self._changed.is_set():
                     self._changed.clear()
-                    await self._client.kv.put(self.key, encode(self.member), lease=self._lease_id,
-                                              timeout=_RPC_TIMEOUT_S)
-                if await self._keep_alive_once() <= 0:
+                    await self._put_all(self._lease_id)
+                sent = time.monotonic()
+                left = await self._keep_alive_once()
+                if left <= 0:
                     log.warning("lease of %s expired; registering again", self.key)
-                    self._lease_id = None
+                    self._lease_id, self.healthy = None, False
                     self.registered.clear()
                     continue
+                self._lease_expires, self.healthy = sent + left, True
                 interval = self.ttl / 3
             except _ETCD_ERRORS as exc:
                 log.warning("etcd unreachable for %s (%s); retrying", self.key, type(exc).__name__)
+                self.healthy = False
+                self.keepalive_failures += 1
                 interval = _RETRY_S
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as
             # the awaited thing completes, and a stop() awaiting this task would hang.
             with contextlib.suppress(asyncio.TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._changed.wait()
+
+    async def _put_all(self, lease_id: int) -> None:
+        # Attachments first: a watcher that sees the member record can read them at once.
+        for key, value in self._attached.items():
+            await self._client.kv.put(key, value, lease=lease_id, timeout=_RPC_TIMEOUT_S)
+        await self._client.kv.put(self.key, encode(self.member), lease=lease_id, timeout=_RPC_TIMEOUT_S)
 
     async def _keep_alive_once(self) -> int:
         """Renew the lease once; returns the TTL left (≤ 0: the lease is gone)."""
@@ -162,20 +303,20 @@ class MemberDirectory:
     (member_id, Member) on put and (member_id, None) on delete.
     """
 
-    def __init__(self, endpoints: Sequence[str], kind: int) -> None:
+    def __init__(self, endpoints: Sequence[str], kind: int, etcd: EtcdSettings | None = None) -> None:
         self.prefix = kind_prefix(kind)
         self.members: dict[str, membership_pb2.Member] = {}
         self.synced = asyncio.Event()
         self._listeners: list[MemberListener] = []
-        self._client = Etcd3Client(list(endpoints), rpc_max_attempts=1,
-                                   watch_max_reconnect_backoff_seconds=1.0)
+        self._etcd = EtcdConnection(endpoints, etcd, rpc_max_attempts=1, watch_max_reconnect_backoff_seconds=1.0)
+        self._client = self._etcd.client
         self._task: asyncio.Task[None] | None = None
 
     def add_listener(self, listener: MemberListener) -> None:
         self._listeners.append(listener)
 
     async def start(self) -> None:
-        await self._client.connect()
+        await self._etcd.connect()
         self._task = asyncio.create_task(self._run(), name=f"etcd-watch-{self.prefix}")
 
     async def stop(self) -> None:
@@ -183,7 +324,7 @@ class MemberDirectory:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._client.close()
+        await self._etcd.close()
 
     async def _run(self) -> None:
         while True:

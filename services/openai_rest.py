@@ -235,7 +235,7 @@ def _fill_common(body: dict[str, Any], req: inference_pb2.ChatCompletionRequest 
         req.user = _string(body["user"], "user")
     stop = body.get("stop")
     if isinstance(stop, str):
-        req.stop.append(stop)
+        req.stop.append(_string(stop, "stop"))
     elif isinstance(stop, list):
         req.stop.extend(_string(s, f"stop[{i}]") for i, s in enumerate(stop))
     elif stop is not None:

@@ -4,6 +4,7 @@ grace period. Never by name."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pathlib
@@ -13,14 +14,32 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.tls import TlsFiles
 
 _PR_SET_PDEATHSIG = 1
+PARENT_PID_ENV = "LLM_MESH_PARENT_PID"
 
 
-def _die_with_parent() -> None:
-    # If `llm-mesh up` itself is killed -9, the kernel SIGTERMs its children:
-    # no orphaned workers holding cores and ports.
+def die_with_parent_if_asked() -> None:
+    """In a child started by `Child`: if the parent (`llm-mesh up`, a test) is killed -9, the
+    kernel SIGTERMs us — no orphaned workers holding cores and ports. Done here at the child's
+    start, not in a preexec_fn: Python code between fork and exec in a parent with gRPC threads
+    can crash the child (grpc skips its fork handlers while other threads are in a call)."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent is None:
+        return
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before the prctl: nobody would stop us
+        sys.exit(1)
+
+
+# Runs any other program (etcd) the same way: arm the parent-death signal, then exec it (the
+# signal survives exec).
+_EXEC_WITH_PARENT = ("import os, sys; from services.procs import die_with_parent_if_asked; "
+                     "die_with_parent_if_asked(); os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 class Child:
@@ -45,12 +64,14 @@ class Child:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, **(self.env or {}))
+        env = dict(os.environ, **(self.env or {}), **{PARENT_PID_ENV: str(os.getpid())})
         with open(self.log_path, "ab") as log:
             # Own session: a terminal Ctrl-C reaches only `up`, which stops the
             # children in order (members before etcd).
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            argv = self.argv if self.argv[:3] == [sys.executable, "-m", "services.cli"] else [
+                sys.executable, "-c", _EXEC_WITH_PARENT, *self.argv]
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env, start_new_session=True)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -69,8 +90,19 @@ class Child:
         if self.alive():
             os.kill(self.pid, sig)
 
+    def kill(self) -> None:
+        """SIGKILL the child and everything it started (its own session and process group):
+        a vLLM worker's engine-core processes must not outlive it, as they would not outlive
+        a dead pod."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait()
+
     def stop(self, grace: float = 15.0) -> int | None:
-        """SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit code."""
+        """SIGTERM, wait up to `grace`, then SIGKILL its process group. Returns the exit code;
+        after a clean exit, whatever the child left in its group is killed too."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -78,8 +110,9 @@ class Child:
             try:
                 self.process.wait(grace)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)  # orphans of a child that died (e.g. a kill -9 of it)
         return self.process.returncode
 
     def tail(self, lines: int = 15) -> str:
@@ -90,12 +123,17 @@ class Child:
         return "\n".join(text[-lines:])
 
 
-def grpc_serving(address: str, timeout: float = 1.0) -> bool:
-    """True when the gRPC server at `address` answers the standard health check SERVING."""
+def grpc_serving(address: str, timeout: float = 1.0, tls: TlsFiles | None = None) -> bool:
+    """True when the gRPC server at `address` answers the standard health check SERVING
+    (over TLS with `tls`'s files: services/tls.py)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from services.tls import channel_credentials, channel_options
+
+    credentials = channel_credentials(tls)
+    with (grpc.insecure_channel(address) if credentials is None else
+          grpc.secure_channel(address, credentials, options=channel_options(tls))) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:

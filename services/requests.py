@@ -19,6 +19,7 @@ from services.tokenizer import CHAT_ROLES, ModelTokenizer, TemplateError
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 1024
+MAX_ID_CHARS = 256  # model, request_id, session_id (OpenAI `user`): ids, not payloads
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -31,6 +32,17 @@ class PreparedRequest:
     session_id: str
 
 
+def show(value: str, limit: int = 64) -> str:
+    """`value` quoted for an error message, cut to `limit` characters (errors never echo big inputs)."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def check_ids(request: inference_pb2.GenerateRequest) -> None:
+    for name in ("model", "request_id", "session_id"):
+        if len(getattr(request, name)) > MAX_ID_CHARS:
+            raise invalid(f"{name} must be at most {MAX_ID_CHARS} characters", name)
+
+
 def resolve_model(requested: str, served: dict[str, int], tokenizers: dict[str, ModelTokenizer]) -> str:
     """The model to use: NOT_FOUND if unknown, UNAVAILABLE if no live worker serves it."""
     if not requested:
@@ -39,10 +51,10 @@ def resolve_model(requested: str, served: dict[str, int], tokenizers: dict[str, 
         raise invalid("model is required", "model")
     if requested not in tokenizers:
         known = ", ".join(sorted(tokenizers)) or "none"
-        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {requested!r} does not exist (served: {known})",
+        raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {show(requested)} does not exist (served: {known})",
                        field="model")
     if requested not in served:
-        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no live worker serves model {requested!r}", retry_after_s=1.0)
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no live worker serves model {show(requested)}", retry_after_s=1.0)
     return requested
 
 
@@ -98,7 +110,7 @@ def tokenize_input(request: inference_pb2.GenerateRequest, tokenizer: ModelToken
         raise invalid("messages must not be empty", "messages")
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:
-            raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m.role!r}",
+            raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {show(m.role)}",
                           f"messages[{i}].role")
     turns = [{"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {}) for m in messages]
     try:
@@ -109,6 +121,7 @@ def tokenize_input(request: inference_pb2.GenerateRequest, tokenizer: ModelToken
 
 def prepare(request: inference_pb2.GenerateRequest, served: dict[str, int], tokenizers: dict[str, ModelTokenizer],
             default_max_tokens: int | None = None) -> PreparedRequest:
+    check_ids(request)
     model = resolve_model(request.model, served, tokenizers)
     sampling = sampling_pb2.SamplingParams()
     sampling.CopyFrom(request.sampling)
@@ -126,6 +139,8 @@ def prepare(request: inference_pb2.GenerateRequest, served: dict[str, int], toke
 
 def _sampling_from_openai(r: inference_pb2.ChatCompletionRequest | inference_pb2.CompletionRequest
                           ) -> sampling_pb2.SamplingParams:
+    if len(r.user) > MAX_ID_CHARS:
+        raise invalid(f"user must be at most {MAX_ID_CHARS} characters", "user")
     if r.HasField("n") and r.n != 1:
         raise invalid(f"only n=1 is supported, got {r.n}", "n")
     params = sampling_pb2.SamplingParams(stop=list(r.stop))

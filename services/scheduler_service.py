@@ -1,16 +1,9 @@
 """`llm-mesh scheduler`: the public `Inference` API and the `Scheduler` admin API.
 
-Per request: validate and tokenize once (services.requests), pick a worker
-(scheduler.policies over the KV block index), stream Worker.Generate back. The client's deadline becomes
-the worker call's deadline; a client that goes away cancels the worker call,
-which aborts the engine request.
-
-Prefill/decode (scheduler/disagg.py decides): the decode worker is chosen
-first; a remote prefill runs Worker.Generate on the prefill worker with
-remote_decode (one token, discarded: the decode leg samples the first token
-again from the pulled KV), and the decode leg gets the KV's location in
-remote_prefill. A prefill leg that fails or outlasts `--prefill-timeout`
-falls back to prefilling on the decode worker: the request still succeeds.
+Per request: validate and tokenize once (services.requests), then services/router.py admits,
+routes (the decode worker, then where to prefill), runs the prefill and decode legs and fails
+over to another worker when one fails. The client's deadline becomes every worker call's
+deadline; a client that goes away cancels the worker calls, which abort the engine requests.
 """
 
 from __future__ import annotations
@@ -26,173 +19,31 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llm_mesh.v1 import (
-    inference_pb2, inference_pb2_grpc, membership_pb2, sampling_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2,
-)
-from scheduler.disagg import DisaggDecision, Disaggregator
-from scheduler.framework import Policy, RequestView
-from scheduler.index import BlockIndex
+from llm_mesh.v1 import inference_pb2, inference_pb2_grpc, membership_pb2, sampling_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.admission import AdmissionConfig
+from scheduler.framework import Role
+from scheduler.planner import PlannerConfig
 from scheduler.policies import POLICY_NAMES, policy_by_name
 from scheduler.profile import load_profile
-from services import __version__
-from services.grpc_util import RpcError, abort, make_server, set_serving, stop_event_on_signals
-from services.kv_events import KVEventSubscriber
-from services.metrics import SchedulerMetrics
-from services.membership import DEFAULT_TTL_S, Registration, parse_endpoints
+from scheduler.resilience import RetryPolicy
+from services import __version__, auth, security, tls, tracing
+from services.grpc_util import RpcError, abort, make_server, stop_event_on_signals
+from services.membership import DEFAULT_TTL_S, Registration, etcd_settings, parse_endpoints
+from services.metrics import watch_lease
 from services.openai_format import chat_chunks, chat_completion, completion, completion_chunks
-from services.requests import PreparedRequest, from_chat, from_completion, prepare, DEFAULT_COMPLETION_MAX_TOKENS
+from services.planner_loop import DEFAULT_WINDOW_S as DEFAULT_PLANNER_WINDOW_S, PlannerLoop
+from services.readiness import Readiness
+from services.requests import DEFAULT_COMPLETION_MAX_TOKENS, PreparedRequest, from_chat, from_completion
+from services.router import DEFAULT_PREFILL_TIMEOUT_S, Router
 from services.tokenizer import ModelTokenizer
 from services.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-# A prefill leg longer than this is given up: the decode worker prefills instead.
-DEFAULT_PREFILL_TIMEOUT_S = 30.0
-
 SERVICE_NAMES = [
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
 ]
-
-
-class Router:
-    """Holds the tokenizers, the worker pool, the KV block index and the routing
-    policy; runs requests.
-
-    The index is fed by every worker's KV event stream (services.kv_events), so
-    each scheduler replica holds the same view without talking to the others.
-    """
-
-    def __init__(self, pool: WorkerPool, tokenizers: dict[str, ModelTokenizer], policy: Policy,
-                 metrics: SchedulerMetrics | None = None, prefill_timeout_s: float = DEFAULT_PREFILL_TIMEOUT_S
-                 ) -> None:
-        self.pool = pool
-        self.tokenizers = tokenizers
-        self.policy = policy
-        self.disagg = Disaggregator(policy)
-        self.prefill_timeout_s = prefill_timeout_s
-        self.index = BlockIndex()
-        self.kv_events = KVEventSubscriber(pool.directory, self.index)
-        self.metrics = metrics or SchedulerMetrics()
-        self.metrics.watch_index(lambda: len(self.index), lambda: self.kv_events.feeds)
-
-    async def start(self) -> None:
-        await self.pool.start()
-        await self.kv_events.start()
-
-    async def stop(self) -> None:
-        await self.kv_events.stop()
-        await self.pool.stop()
-
-    def prepare(self, request: inference_pb2.GenerateRequest, default_max_tokens: int | None = None) -> PreparedRequest:
-        return prepare(request, self.pool.models(), self.tokenizers, default_max_tokens)
-
-    def decide(self, prepared: PreparedRequest, dry_run: bool = False) -> DisaggDecision:
-        """Hash the prompt as the engines do; the policy picks the decode worker, the P/D rule
-        where the prompt is prefilled (on that worker unless a prefill worker is worth it)."""
-        block_size = self.pool.block_size(prepared.model) or 16
-        view = RequestView.from_tokens(
-            prepared.model, prepared.prompt_token_ids, block_size, session_id=prepared.session_id,
-            request_id=prepared.request_id, max_tokens=prepared.sampling.max_tokens, now=time.monotonic())
-        return self.disagg.decide(view, self.pool.states(), self.index, dry_run=dry_run)
-
-    async def run(self, prepared: PreparedRequest, context: grpc.aio.ServicerContext
-                  ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        pd = self.decide(prepared)
-        decision = pd.decode
-        self.metrics.decided(decision)
-        self.metrics.disaggregated(pd.rule)
-        worker = self.pool.workers.get(decision.worker_id) if decision.worker_id else None
-        if worker is None:
-            reason = decision.reason or f"no live worker serves {prepared.model!r}"
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, reason, retry_after_s=1.0)
-        prefill_worker = self.pool.workers.get(pd.prefill.worker_id) if pd.prefill is not None else None
-        # No await between decide and start: the next decision must see this one (both legs).
-        ticket = worker.state.start(0 if prefill_worker else decision.prefill_tokens, decision.request_blocks)
-        prefill_ticket = (prefill_worker.state.start(pd.prefill.prefill_tokens, pd.prefill.request_blocks)
-                          if prefill_worker is not None else None)
-        dispatched = time.monotonic()
-        worker_request = worker_pb2.WorkerGenerateRequest(
-            request_id=f"{prepared.request_id}-{secrets.token_hex(4)}",
-            prompt_token_ids=prepared.prompt_token_ids,
-            sampling=prepared.sampling,
-            model=prepared.model,
-        )
-        if prefill_worker is not None:
-            kv = await self._prefill(prefill_worker, prefill_ticket, prepared, worker_request.request_id, context)
-            if kv is not None:
-                worker_request.remote_prefill.CopyFrom(kv)
-        call = worker.stub.Generate(worker_request, timeout=context.time_remaining())
-        first, completed = True, False
-        try:
-            async for out in call:
-                response = inference_pb2.GenerateResponse(
-                    request_id=prepared.request_id, token_ids=out.token_ids, text=out.text,
-                    finish_reason=out.finish_reason,
-                )
-                if out.HasField("usage"):
-                    response.usage.CopyFrom(out.usage)
-                    completed = out.finish_reason != sampling_pb2.FINISH_REASON_ABORT
-                    self.metrics.finished(out.usage.prompt_tokens, out.usage.cached_prompt_tokens)
-                if first:
-                    response.worker_id = worker.state.worker_id
-                    ticket.first_token(time.monotonic() - dispatched)
-                    first = False
-                yield response
-        except grpc.aio.AioRpcError as exc:
-            raise _from_worker_error(exc, worker.state.worker_id) from exc
-        finally:
-            ticket.finish(time.monotonic() - dispatched, completed=completed)
-            call.cancel()  # no-op when finished; aborts the engine request when we are cancelled
-
-    async def _prefill(self, worker, ticket, prepared: PreparedRequest, decode_request_id: str,
-                       context: grpc.aio.ServicerContext) -> worker_pb2.KVTransferParams | None:
-        """The prefill leg on `worker`: where its KV waits, or None to prefill on the decode worker.
-
-        A client that cancels or whose deadline passes ends the request (the cancel reaches the
-        prefill engine, which frees its blocks); any other failure, or a leg longer than
-        prefill_timeout_s, falls back to a local prefill."""
-        sampling = sampling_pb2.SamplingParams()
-        sampling.CopyFrom(prepared.sampling)
-        sampling.max_tokens = 1
-        request = worker_pb2.WorkerGenerateRequest(
-            request_id=f"{decode_request_id}-prefill", prompt_token_ids=prepared.prompt_token_ids,
-            sampling=sampling, model=prepared.model, remote_decode=True)
-        remaining = context.time_remaining()
-        timeout = self.prefill_timeout_s if remaining is None else min(remaining, self.prefill_timeout_s)
-        started = time.monotonic()
-        call = worker.stub.Generate(request, timeout=timeout)
-        kv, failure = None, "no kv_transfer in the prefill leg's reply"
-        try:
-            async for out in call:
-                if out.HasField("kv_transfer"):
-                    kv = out.kv_transfer
-        except grpc.aio.AioRpcError as exc:
-            client_left = context.time_remaining() is not None and context.time_remaining() <= 0
-            if exc.code() == grpc.StatusCode.CANCELLED or client_left:
-                raise _from_worker_error(exc, worker.state.worker_id) from exc
-            failure = f"{exc.code().name}: {exc.details()}"
-        finally:
-            elapsed = time.monotonic() - started
-            if kv is not None:
-                ticket.first_token(elapsed)
-            ticket.finish(elapsed, completed=kv is not None)
-            call.cancel()
-        if kv is None:
-            log.warning("prefill on %s failed (%s); prefilling on the decode worker", worker.state.worker_id, failure)
-            self.metrics.prefill_fallback()
-        else:
-            self.metrics.prefilled_remotely(elapsed)
-        return kv
-
-
-def _from_worker_error(exc: grpc.aio.AioRpcError, worker_id: str) -> RpcError:
-    code = exc.code()
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return RpcError(code, exc.details() or code.name)
-    # The worker failed or vanished mid-request: retryable for the client.
-    return RpcError(grpc.StatusCode.UNAVAILABLE, f"worker {worker_id} failed: {code.name} {exc.details()}",
-                    retry_after_s=1.0)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -202,9 +53,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def _stream(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
                       default_max_tokens: int | None = None
                       ) -> AsyncIterator[tuple[PreparedRequest, inference_pb2.GenerateResponse]]:
-        prepared = self.router.prepare(request, default_max_tokens)
-        async for response in self.router.run(prepared, context):
-            yield prepared, response
+        # Timed from before tokenization: TTFT as the client sees it (services/metrics.RequestClock).
+        served = request.model if request.model in self.router.tokenizers else ""
+        with self.router.stats.recording(request.model) as record, self.router.metrics.request(served) as clock:
+            traced = tracing.RequestTrace(request)  # GenAI attributes on the Inference server span
+            prepared = self.router.prepare(request, default_max_tokens)
+            traced.prepared(prepared)
+            logged_text: list[str] | None = [] if security.log_content() else None
+            async for response in self.router.run(prepared, context, record):
+                traced.response(response)
+                if logged_text is not None:
+                    logged_text.append(response.text)
+                if response.token_ids:
+                    clock.tokens()
+                if response.HasField("usage"):
+                    clock.finished_ok = response.finish_reason != sampling_pb2.FINISH_REASON_ABORT
+                yield prepared, response
+            if logged_text is not None:  # --log-content only (services/security.py)
+                prompt = self.router.tokenizers[prepared.model].decode(prepared.prompt_token_ids)
+                log.info("request %s content: prompt %r; completion %r", prepared.request_id, prompt,
+                         "".join(logged_text))
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[inference_pb2.GenerateResponse]:
@@ -260,8 +128,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, planner: PlannerLoop | None = None) -> None:
         self.router = router
+        self.planner = planner
+
+    async def GetScalingPlan(self, request: scheduler_pb2.GetScalingPlanRequest,
+                             context: grpc.aio.ServicerContext) -> scheduler_pb2.ScalingPlan:
+        return self.planner.to_proto() if self.planner is not None else scheduler_pb2.ScalingPlan()
+
+    async def GetStats(self, request: scheduler_pb2.GetStatsRequest,
+                       context: grpc.aio.ServicerContext) -> scheduler_pb2.SchedulerStats:
+        return self.router.stats.to_proto(getattr(self.router.policy, "name", type(self.router.policy).__name__))
 
     async def ListWorkers(self, request: scheduler_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> scheduler_pb2.ListWorkersResponse:
@@ -310,11 +187,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None,
                         help="a routing profile YAML (filters → scorers → picker); overrides --policy")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    parser.add_argument("--planner-window", type=float, default=DEFAULT_PLANNER_WINDOW_S,
+                        help="seconds of load per scaling-plan decision (scheduler/PLANNER.md)")
     parser.add_argument("--prefill-timeout", type=float, default=DEFAULT_PREFILL_TIMEOUT_S,
                         help="seconds a remote prefill may take before the decode worker prefills instead")
+    parser.add_argument("--max-attempts", type=int, default=RetryPolicy.max_attempts,
+                        help="workers a request may try when one fails (failover before the first token, "
+                             "migration after it); 1 = no failover")
+    parser.add_argument("--admission-queue-factor", type=float, default=AdmissionConfig.queue_factor,
+                        help="requests admitted per worker beyond a full batch, as a fraction of max_num_seqs; "
+                             "beyond that: RESOURCE_EXHAUSTED / HTTP 429 with a retry hint")
+    parser.add_argument("--no-admission", action="store_true", help="admit every request (no 429s)")
     parser.add_argument("--model", action="append", default=None, metavar="NAME=DIR",
                         help=f"a model to serve and its tokenizer directory (repeatable; default "
                              f"{DEFAULT_MODEL_NAME}=<the fetched model>)")
+    security.add_arguments(parser, api_keys=True)
 
 
 def parse_models(values: list[str] | None) -> dict[str, str]:
@@ -332,38 +219,66 @@ def parse_models(values: list[str] | None) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(args))
+    security.configure(args)
+    tracing.setup_tracing("llm-mesh-scheduler")
+    try:
+        asyncio.run(serve(args))
+    finally:
+        tracing.shutdown_tracing()  # after SIGTERM too: serve returns once drained
     return 0
+
+
+def ready_to_route(pool: WorkerPool) -> bool:
+    """Readiness of a scheduler beyond its own lease: the worker view is synced from etcd and
+    holds a routable worker that takes whole requests (not prefill-only). With none, every
+    request would fail UNAVAILABLE: the replica is not ready (and is again once one joins)."""
+    return pool.directory.synced.is_set() and any(
+        w.state.routable and w.state.role != Role.PREFILL for w in list(pool.workers.values()))
 
 
 async def serve(args: argparse.Namespace) -> None:
     tokenizers = {name: ModelTokenizer(path) for name, path in parse_models(args.model).items()}
     endpoints = parse_endpoints(args.etcd)
-    pool = WorkerPool(endpoints)
+    tls_files, etcd = tls.from_args(args), etcd_settings(args)
+    pool = WorkerPool(endpoints, etcd=etcd, tls=tls_files)
     policy = load_profile(args.profile) if args.profile else policy_by_name(args.policy)
-    router = Router(pool, tokenizers, policy, prefill_timeout_s=args.prefill_timeout)
+    router = Router(pool, tokenizers, policy, prefill_timeout_s=args.prefill_timeout,
+                    retry=RetryPolicy(max_attempts=args.max_attempts),
+                    admission=AdmissionConfig(queue_factor=args.admission_queue_factor, enabled=not args.no_admission))
     if args.metrics_port is not None:
         router.metrics.serve(args.metrics_port, args.host)
-    server, health, port = make_server(f"{args.host}:{args.port}", SERVICE_NAMES)
+    api_keys = auth.from_args(args)
+    interceptors = [auth.ApiKeyInterceptor(api_keys, SERVICE_NAMES)] if api_keys else []
+    server, health, port = make_server(f"{args.host}:{args.port}", SERVICE_NAMES, tls=tls_files,
+                                       interceptors=interceptors)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(router), server)
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(router), server)
+    planner = PlannerLoop(router.stats, pool, getattr(policy, "planner", None) or PlannerConfig(),
+                          router.metrics.registry, args.planner_window)
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(router, planner), server)
     stop = stop_event_on_signals()
+    readiness = Readiness(health, SERVICE_NAMES)
+    await readiness.start()
     await router.start()
     await server.start()
     member = membership_pb2.Member(
         id=args.id or f"scheduler-{port}-{secrets.token_hex(3)}", kind=membership_pb2.MEMBER_KIND_SCHEDULER,
         address=f"{args.host}:{port}", started_at=int(time.time()), version=__version__,
     )
+    router.stats.scheduler_id = member.id
+    planner.start()
     try:
-        async with Registration(endpoints, member, ttl=args.lease_ttl) as registration:
-            await registration.registered.wait()
-            await pool.directory.synced.wait()
-            await set_serving(health, SERVICE_NAMES, True)
-            log.info("scheduler %s serving at %s:%d (pid %d)", member.id, args.host, port, os.getpid())
+        async with Registration(endpoints, member, ttl=args.lease_ttl, etcd=etcd) as registration:
+            watch_lease(router.metrics.registry, registration)
+            readiness.ready_when(lambda: registration.ever_registered and ready_to_route(pool))
+            # No wait for the lease here: SIGTERM must work even while etcd is unreachable.
+            log.info("scheduler %s at %s:%d (pid %d); ready once registered with a routable worker", member.id,
+                     args.host, port, os.getpid())
             await stop.wait()
-            await set_serving(health, SERVICE_NAMES, False)
+            await readiness.drain()
         await server.stop(grace=5)
     finally:
+        await readiness.close()
         with contextlib.suppress(Exception):
             await server.stop(grace=None)
+        await planner.stop()
         await router.stop()

@@ -31,7 +31,9 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from services import security, tls
 from services.etcd_server import EtcdServer
+from services.membership import etcd_settings
 from services.procs import Child, grpc_serving, http_ok
 
 console = Console(highlight=False)
@@ -53,8 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-port", type=int, default=2379)
     parser.add_argument("--etcd", default=None, help="use this external etcd (host:port,...) instead of starting one")
     parser.add_argument("--lease-ttl", type=int, default=10)
+    parser.add_argument("--metrics-base-port", type=int, default=None,
+                        help="serve Prometheus /metrics: the scheduler on this port, the gateway on +1, "
+                             "worker i on +2+i (default: off)")
     parser.add_argument("--run-dir", type=pathlib.Path, default=None,
                         help="logs and etcd data (default: $LLM_MESH_HOME/run)")
+    security.add_arguments(parser, api_keys=True)  # passed on to every child (workers: no API keys)
 
 
 def topology(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,12 +92,14 @@ def worker_children(workers: list[dict[str, Any]], args: argparse.Namespace, etc
         for _ in range(int(spec.get("count", 1))):
             engine = spec.get("engine", "vllm")
             argv = ["worker", "--engine", engine, "--role", spec.get("role", "both"), "--host", args.host,
-                    "--port", str(port), "--etcd", etcd, "--lease-ttl", str(args.lease_ttl)]
+                    "--port", str(port), "--etcd", etcd, "--lease-ttl", str(args.lease_ttl),
+                    *security_args(args, api_keys=False)]
             if engine == "vllm":
                 # Several engines on one host must each own their cores (DESIGN.md).
                 default_cores = "auto" if vllm_count == 1 else str(vllm_index % cores)
                 argv += ["--cpu-cores", str(spec.get("cpu_cores", default_cores))]
                 vllm_index += 1
+            argv += metrics_port_args(args, 2 + port - args.worker_base_port)
             argv += [str(a) for a in spec.get("args", [])]
             name = f"worker-{port}"
             out.append((Child.llm_mesh(name, argv, log_dir), f"{args.host}:{port}", engine == "vllm"))
@@ -99,10 +107,26 @@ def worker_children(workers: list[dict[str, Any]], args: argparse.Namespace, etc
     return out
 
 
+def security_args(args: argparse.Namespace, *, api_keys: bool) -> list[str]:
+    """This command's TLS, etcd, API-key and content-logging flags, for a child."""
+    out = [*tls.cli_args(tls.from_args(args)), *etcd_settings(args).cli_args()]
+    if api_keys and args.api_key_file:
+        out += ["--api-key-file", args.api_key_file]
+    return out + (["--log-content"] if args.log_content else [])
+
+
+def metrics_port_args(args: argparse.Namespace, offset: int) -> list[str]:
+    """`--metrics-port` for the child `offset` ports above --metrics-base-port, if set."""
+    return [] if args.metrics_base_port is None else ["--metrics-port", str(args.metrics_base_port + offset)]
+
+
 def run(args: argparse.Namespace) -> int:
     from services.model_fetch import default_model_dir
 
     config = topology(args)
+    if etcd_settings(args).cli_args() and "endpoints" not in config["etcd"]:
+        raise SystemExit("--etcd-ca/--etcd-cert/--etcd-user… are for an external etcd: give --etcd too")
+    probe_tls = tls.from_args(args)
     home = pathlib.Path(os.environ.get("LLM_MESH_HOME", pathlib.Path.home() / ".cache" / "llm-mesh"))
     run_dir = args.run_dir or home / "run"
     log_dir = run_dir / "logs"
@@ -139,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             started.append(child)
         for child, address, is_vllm in workers:
             with console.status(f"loading {child.name} ({'vLLM' if is_vllm else 'sim'}) …"):
-                child.wait_ready(lambda a=address: stop.is_set() or grpc_serving(a),
+                child.wait_ready(lambda a=address: stop.is_set() or grpc_serving(a, tls=probe_tls),
                                  VLLM_READY_TIMEOUT_S if is_vllm else PROCESS_READY_TIMEOUT_S)
             if stop.is_set():
                 return 130
@@ -148,16 +172,21 @@ def run(args: argparse.Namespace) -> int:
         scheduler_address = f"{args.host}:{config['scheduler']['port']}"
         scheduler = Child.llm_mesh("scheduler", ["scheduler", "--host", args.host, "--port",
                                                  str(config["scheduler"]["port"]), "--etcd", etcd,
-                                                 "--lease-ttl", str(args.lease_ttl)], log_dir)
+                                                 "--lease-ttl", str(args.lease_ttl),
+                                                 *security_args(args, api_keys=True),
+                                                 *metrics_port_args(args, 0)], log_dir)
         scheduler.start()
         started.append(scheduler)
         with console.status("starting the scheduler"):
-            scheduler.wait_ready(lambda: stop.is_set() or grpc_serving(scheduler_address), PROCESS_READY_TIMEOUT_S)
+            scheduler.wait_ready(lambda: stop.is_set() or grpc_serving(scheduler_address, tls=probe_tls),
+                                 PROCESS_READY_TIMEOUT_S)
         console.print(f"[green]✓[/] scheduler     {scheduler_address}  (pid {scheduler.pid})")
 
         gateway_url = f"http://{args.host}:{config['gateway']['port']}"
         gateway = Child.llm_mesh("gateway", ["gateway", "--host", args.host, "--port", str(config["gateway"]["port"]),
-                                             "--scheduler", scheduler_address, "--etcd", etcd], log_dir)
+                                             "--scheduler", scheduler_address, "--etcd", etcd,
+                                             *security_args(args, api_keys=True),
+                                             *metrics_port_args(args, 1)], log_dir)
         gateway.start()
         started.append(gateway)
         with console.status("starting the gateway"):
@@ -171,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
                       f"  try: curl {gateway_url}/v1/chat/completions -H 'Content-Type: application/json' "
                       f"-d '{{\"model\":\"SmolLM2-135M-Instruct\",\"messages\":[{{\"role\":\"user\","
                       f"\"content\":\"What is the capital of France?\"}}]}}'")
+        if args.metrics_base_port is not None:
+            console.print(f"  metrics       http://{args.host}:{args.metrics_base_port}/metrics (scheduler; "
+                          f"the gateway on +1, worker i on +2+i)")
         while not stop.wait(1.0):
             dead = [c for c in started if not c.alive()]
             if dead:

@@ -1,7 +1,8 @@
 """`llm-mesh worker`: one inference engine behind the internal `Worker` gRPC API.
 
-Lifecycle: bind the port and answer health NOT_SERVING → load the engine →
-SERVING and register in etcd → on SIGTERM/SIGINT: NOT_SERVING, revoke the lease
+Lifecycle: bind the port (health "liveness" SERVING, readiness — "" and
+llm_mesh.v1.Worker — NOT_SERVING) → load the engine → register in etcd →
+SERVING while the lease lives (services/readiness.py) → on SIGTERM/SIGINT: NOT_SERVING, revoke the lease
 (schedulers stop routing here at once), end the KV event streams, let in-flight
 calls finish for `--drain-seconds`, stop the engine.
 
@@ -21,13 +22,18 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import json_format
 
 from llm_mesh.v1 import membership_pb2, sampling_pb2, worker_pb2, worker_pb2_grpc
-from services import __version__
+from services import __version__, security, tls
 from services.engines.base import Engine, EngineInfo, EngineRequest, KVTransferParams, SamplingOptions
-from services.grpc_util import RpcError, abort, invalid, make_server, set_serving, stop_event_on_signals
+from services.grpc_util import RpcError, abort, invalid, make_server, stop_event_on_signals
 from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, KVEventLog
-from services.membership import DEFAULT_TTL_S, Registration, parse_endpoints
+from services.readiness import Readiness
+from services.requests import check_sampling, show
+from services.worker_metrics import WorkerMetrics
+from services.membership import DEFAULT_TTL_S, Registration, etcd_settings, nixl_metadata_key, parse_endpoints
+from services.tracing import GenerateTrace, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,10 @@ def kv_params_from_proto(p: worker_pb2.KVTransferParams) -> KVTransferParams:
 
 
 def kv_params_to_proto(p: KVTransferParams) -> worker_pb2.KVTransferParams:
-    return worker_pb2.KVTransferParams(engine_id=p.engine_id, block_ids=p.block_ids, host=p.host, port=p.port,
-                                       request_id=p.request_id, tp_size=p.tp_size, num_tokens=p.num_tokens)
+    """A prefill leg's KV location as it travels: ids only. Where the engine's side channel is
+    (host, port, tp_size) is in this worker's registered kv_endpoint; the scheduler adds it."""
+    return worker_pb2.KVTransferParams(engine_id=p.engine_id, block_ids=p.block_ids, request_id=p.request_id,
+                                       num_tokens=p.num_tokens)
 
 
 def sampling_options(params: sampling_pb2.SamplingParams) -> SamplingOptions:
@@ -90,10 +98,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await abort(context, error)
             return
         self.counters.prompt_tokens += len(engine_request.prompt_token_ids)
+        traced = GenerateTrace(engine_request, self.info.model, self.role)
         outputs = self.engine.generate(engine_request)
         finish = None
         try:
             async for out in outputs:
+                traced.output(out)
                 response = worker_pb2.WorkerGenerateResponse(token_ids=out.token_ids, text=out.text)
                 if out.finish_reason is not None:
                     finish = out.finish_reason
@@ -108,8 +118,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         response.kv_transfer.CopyFrom(kv_params_to_proto(out.kv_transfer))
                 yield response
         except ValueError as exc:  # the engine rejected the input (e.g. token id out of vocabulary)
+            traced.fail(exc)
             await abort(context, invalid(str(exc), "prompt_token_ids"))
         finally:
+            traced.close()
             # Closing the engine's generator aborts the engine request when the
             # caller went away (cancel, deadline) before it finished.
             await outputs.aclose()
@@ -123,14 +135,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if not request.request_id:
             raise invalid("request_id is required", "request_id")
         if request.model and request.model != self.info.model:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"this worker serves {self.info.model!r}, not {request.model!r}",
-                           field="model")
+            raise RpcError(grpc.StatusCode.NOT_FOUND,
+                           f"this worker serves {self.info.model!r}, not {show(request.model)}", field="model")
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise invalid("prompt_token_ids must not be empty", "prompt_token_ids")
         max_tokens = request.sampling.max_tokens
         if max_tokens < 1:
             raise invalid("sampling.max_tokens must be at least 1", "sampling.max_tokens")
+        check_sampling(request.sampling, "sampling.")  # as the scheduler does: NaN never reaches an engine
         if len(prompt) + max_tokens > self.info.max_model_len:
             raise invalid(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context window "
@@ -152,6 +165,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             p = request.remote_prefill
             if not p.engine_id:
                 raise invalid("remote_prefill.engine_id is required", "remote_prefill.engine_id")
+            # An engine with a side channel of its own (vLLM NIXL) pulls through the prefiller's.
+            own = self.info.kv_endpoint if self.info is not None else None
+            if own is not None and own.host and not (p.host and p.port):
+                raise invalid("remote_prefill.host and .port (the prefill engine's side channel) are required",
+                              "remote_prefill.host")
             if p.num_tokens > len(prompt):
                 raise invalid(f"remote_prefill holds {p.num_tokens} tokens, more than the prompt's {len(prompt)}",
                               "remote_prefill.num_tokens")
@@ -173,9 +191,31 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         now = self.engine.load()
         load.running, load.waiting, load.kv_cache_usage = now.running, now.waiting, now.kv_cache_usage
         load.generated_tokens = now.generated_tokens
+        if now.cached_prompt_tokens is not None:
+            load.cached_prompt_tokens = now.cached_prompt_tokens
+        if now.kv_transferred_prompt_tokens is not None:
+            load.kv_transferred_prompt_tokens = now.kv_transferred_prompt_tokens
         if self.info is not None:
             load.kv_blocks_total = self.info.kv_blocks_total
         return load
+
+
+def publish_kv_endpoint(member: membership_pb2.Member, info: EngineInfo) -> tuple[str, bytes] | None:
+    """Put the engine's KV endpoint in `member`; returns the (key, value) of its NIXL agent
+    metadata to keep under the same lease, if the engine has any."""
+    if info.kv_endpoint is None:
+        return None
+    e = info.kv_endpoint
+    member.worker.kv_endpoint.CopyFrom(membership_pb2.KVEndpoint(engine_id=e.engine_id, host=e.host, port=e.port,
+                                                                 tp_size=e.tp_size))
+    if info.nixl_metadata is None:
+        return None
+    n = info.nixl_metadata
+    member.worker.nixl_metadata_key = key = nixl_metadata_key(member.id)
+    value = membership_pb2.NixlAgentMetadata(
+        engine_id=n.engine_id, connector_version=n.connector_version, compatibility_hash=n.compatibility_hash,
+        handshake_payload=n.handshake_payload, agent_metadata_bytes=n.agent_metadata_bytes, num_blocks=n.num_blocks)
+    return key, json_format.MessageToJson(value, indent=None).encode()
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -188,6 +228,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
             cpu_cores=args.cpu_cores, role=args.role, kv_side_channel_host=args.host,
             # Every P/D engine on a host needs its own NIXL side-channel port.
             kv_side_channel_port=args.kv_side_channel_port or args.port + 1000,
+            kv_lease_s=args.kv_lease_s,
         ))
     from services.engines.sim_engine import build_sim_engine
 
@@ -208,6 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd", default="127.0.0.1:2379", help="comma-separated etcd endpoints")
     parser.add_argument("--lease-ttl", type=int, default=DEFAULT_TTL_S, help="etcd lease TTL, seconds")
     parser.add_argument("--drain-seconds", type=float, default=5.0, help="grace for in-flight calls on shutdown")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus /metrics on this port (vLLM's vllm:* names, whatever the engine)")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=32, help="tokens per KV block (vLLM on CPU: a multiple of 32)")
@@ -216,6 +259,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vLLM OMP core binding (VLLM_CPU_OMP_THREADS_BIND), e.g. 0 or 1 or 0-1")
     parser.add_argument("--kv-side-channel-port", type=int, default=None,
                         help="vLLM P/D: port of this engine's NIXL side channel (default: --port + 1000)")
+    parser.add_argument("--kv-lease-s", type=int, default=30,
+                        help="vLLM prefill: seconds prefilled KV waits for a decode worker that never pulls it "
+                             "(a waiting decoder's heartbeats extend it); bounds what a failed decode leg holds")
     parser.add_argument("--kv-events-buffer", type=int, default=DEFAULT_CAPACITY,
                         help="KV events kept for replay; a scheduler further behind gets a snapshot")
     parser.add_argument("--kv-events-token-ids", action="store_true",
@@ -224,23 +270,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-events-heartbeat", type=float, default=DEFAULT_HEARTBEAT_S,
                         help="seconds between heartbeats on an idle KV event stream")
     add_sim_arguments(parser)
+    security.add_arguments(parser, api_keys=False)  # only the scheduler calls a worker: TLS/mTLS guards it
     parser.set_defaults(model_dir_default=default_model_dir)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.model_dir is None:
         args.model_dir = str(args.model_dir_default())
-    asyncio.run(serve(args))
+    security.configure(args)
+    setup_tracing("llm-mesh-worker")
+    try:
+        asyncio.run(serve(args))
+    finally:
+        shutdown_tracing()  # after SIGTERM too: serve returns once drained
     return 0
 
 
 async def serve(args: argparse.Namespace) -> None:
     engine = build_engine(args)
     kv_log = KVEventLog(args.kv_events_buffer, keep_token_ids=args.kv_events_token_ids)
+    metrics = WorkerMetrics(kv_log) if args.metrics_port is not None else None
+    if metrics is not None and args.engine != "vllm":  # vLLM registers its own vllm:* metrics
+        engine = metrics.vllm_compatible(engine)
     servicer = WorkerServicer(engine, kv_log, args.kv_events_heartbeat, role=args.role)
-    server, health, port = make_server(f"{args.host}:{args.port}", [SERVICE_NAME])
+    server, health, port = make_server(f"{args.host}:{args.port}", [SERVICE_NAME], tls=tls.from_args(args))
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    readiness = Readiness(health, [SERVICE_NAME])
+    await readiness.start()  # "liveness" now; ready once the engine is loaded and the lease held
     await server.start()
+    if metrics is not None:
+        metrics.serve(args.metrics_port, args.host)
     stop = stop_event_on_signals()
     member_id = args.id or f"worker-{port}-{secrets.token_hex(3)}"
     log.info("worker %s loading %s engine", member_id, args.engine)
@@ -255,17 +314,25 @@ async def serve(args: argparse.Namespace) -> None:
                 block_size=info.block_size, kv_blocks_total=info.kv_blocks_total, max_num_seqs=info.max_num_seqs,
             ),
         )
-        async with Registration(parse_endpoints(args.etcd), member, ttl=args.lease_ttl) as registration:
-            await registration.registered.wait()
-            await set_serving(health, [SERVICE_NAME], True)
-            log.info("worker %s serving %s at %s:%d (pid %d)", member_id, info.model, args.host, port, os.getpid())
+        kv_attachment = publish_kv_endpoint(member, info) if args.role != "both" else None
+        async with Registration(parse_endpoints(args.etcd), member, ttl=args.lease_ttl,
+                                etcd=etcd_settings(args)) as registration:
+            if kv_attachment is not None:
+                registration.attach(*kv_attachment)
+            if metrics is not None:
+                metrics.watch_lease(registration)
+            readiness.ready_when(lambda: registration.ever_registered)
+            # No wait for the lease here: SIGTERM must work even while etcd is unreachable.
+            log.info("worker %s serving %s at %s:%d (pid %d); ready once registered", member_id, info.model,
+                     args.host, port, os.getpid())
             await stop.wait()
-            await set_serving(health, [SERVICE_NAME], False)
+            await readiness.drain()
         log.info("worker %s left the mesh; draining", member_id)
         # Event streams never end by themselves: they must not hold up the drain.
         servicer.kv_log.close()
         await server.stop(grace=args.drain_seconds)
     finally:
+        await readiness.close()
         servicer.kv_log.close()
         await server.stop(grace=None)
         await engine.stop()

@@ -18,15 +18,21 @@ import grpc
 from llm_mesh.v1 import membership_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.framework import Role, WorkerState
 from services.grpc_util import CHANNEL_OPTIONS
-from services.membership import MemberDirectory
+from services.tracing import client_interceptors
+from services.membership import EtcdSettings, MemberDirectory
+from services.tls import TlsFiles, open_channel
 
 log = logging.getLogger(__name__)
 
+# How long in-flight calls to a worker that left etcd may still run (its drain).
+LEFT_GRACE_S = 300.0
+
 
 class PooledWorker:
-    def __init__(self, member: membership_pb2.Member) -> None:
+    def __init__(self, member: membership_pb2.Member, tls: TlsFiles | None = None) -> None:
         self.member = member
-        self.channel = grpc.aio.insecure_channel(member.address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(member.address, tls, options=CHANNEL_OPTIONS,
+                                    interceptors=client_interceptors(member.address))
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         info = member.worker
         self.state = WorkerState(
@@ -35,18 +41,21 @@ class PooledWorker:
         )
         self.load = worker_pb2.WorkerLoad()
 
-    async def close(self) -> None:
-        await self.channel.close(grace=None)
+    async def close(self, grace: float | None = None) -> None:
+        await self.channel.close(grace=grace)
 
 
 class WorkerPool:
-    def __init__(self, etcd_endpoints: Sequence[str], poll_interval_s: float = 1.0) -> None:
+    def __init__(self, etcd_endpoints: Sequence[str], poll_interval_s: float = 1.0, *,
+                 etcd: EtcdSettings | None = None, tls: TlsFiles | None = None) -> None:
         self.workers: dict[str, PooledWorker] = {}
-        self.directory = MemberDirectory(etcd_endpoints, membership_pb2.MEMBER_KIND_WORKER)
+        self.tls = tls  # client side of the links to workers (services/tls.py)
+        self.directory = MemberDirectory(etcd_endpoints, membership_pb2.MEMBER_KIND_WORKER, etcd)
         self.directory.add_listener(self._on_member)
         self.poll_interval_s = poll_interval_s
         self._poller: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._departed: set[PooledWorker] = set()  # left etcd; their channels close after LEFT_GRACE_S
 
     async def start(self) -> None:
         await self.directory.start()
@@ -58,8 +67,12 @@ class WorkerPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         await self.directory.stop()
-        await asyncio.gather(*(w.close() for w in self.workers.values()), *self._closing)
+        for task in self._closing:
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+        await asyncio.gather(*(w.close() for w in [*self.workers.values(), *self._departed]))
         self.workers.clear()
+        self._departed.clear()
 
     def states(self) -> list[WorkerState]:
         return [w.state for w in self.workers.values()]
@@ -85,12 +98,16 @@ class WorkerPool:
             return
         if old is not None:
             log.info("worker %s left (%s)", member_id, old.member.address)
-            task = asyncio.get_running_loop().create_task(old.close())
+            # Not closed at once: a draining worker revokes its lease first and still streams
+            # its in-flight requests (closing the channel would hang them); a dead one's calls
+            # have failed already.
+            self._departed.add(old)
+            task = asyncio.get_running_loop().create_task(old.close(LEFT_GRACE_S))
             self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            task.add_done_callback(lambda t, w=old: (self._closing.discard(t), self._departed.discard(w)))
         if member is not None:
             log.info("worker %s joined at %s serving %s", member_id, member.address, member.worker.model)
-            self.workers[member_id] = PooledWorker(member)
+            self.workers[member_id] = PooledWorker(member, self.tls)
 
     async def _poll_loop(self) -> None:
         while True:

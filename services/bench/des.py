@@ -223,7 +223,7 @@ class _PrefillLeg:
 
 def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, model: str = "bench",
              chunk: int = 512, slo_ttft_s: float = 2.0, hasher: _Hasher | None = None,
-             share_hashes: bool = True) -> dict:
+             share_hashes: bool = True, results_out: list[RequestResult] | None = None) -> dict:
     """Replay `requests` through `policy` (the decode choice; scheduler.disagg adds the P/D rule)
     on the cluster's simulated engines; returns the summary, with `pd_decisions` (rule → count)."""
     from scheduler.disagg import Disaggregator
@@ -364,6 +364,8 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
             del prefilling[view.request_id]
             prefill_ticket.finish(completed=False)
             fail(view.request_id)
+    if results_out is not None:  # per-request results for callers that window them (tests/data/)
+        results_out.extend(results)
     duration = max((r.finish_s or 0.0) for r in results) - min(r.arrival_s for r in results) if results else 0.0
     return summarize(results, slo_ttft_s, duration, itl_gaps) | {
         "ttfts": sorted(r.ttft for r in results), "pd_decisions": dict(rules),

@@ -94,6 +94,31 @@ class EngineOutput:
 
 
 @dataclasses.dataclass(frozen=True)
+class KVEndpoint:
+    """Where decode engines pull this engine's prefilled KV (its NIXL side channel). Published
+    once in the worker's membership record; a prefill leg's KVTransferParams then carry only
+    the engine id and block ids, and the scheduler completes them from this."""
+
+    engine_id: str
+    host: str = ""
+    port: int = 0
+    tp_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class NixlMetadata:
+    """An engine's NIXL agent metadata as its side channel serves it to a decoder's handshake
+    (vLLM's NixlHandshakePayload, msgpack), with the facts a reader checks before using it."""
+
+    engine_id: str
+    connector_version: int
+    compatibility_hash: str
+    handshake_payload: bytes = dataclasses.field(repr=False)  # ~2.5 KB here
+    agent_metadata_bytes: int = 0
+    num_blocks: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineInfo:
     """Static facts about an engine, published in the worker's membership record."""
 
@@ -102,6 +127,9 @@ class EngineInfo:
     block_size: int
     kv_blocks_total: int
     max_num_seqs: int
+    # P/D roles: where the engine's KV is pulled from, and its NIXL agent metadata.
+    kv_endpoint: KVEndpoint | None = None
+    nixl_metadata: NixlMetadata | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +142,11 @@ class EngineLoad:
     # Lifetime count of tokens the engine itself generated (not what was
     # delivered): proves an aborted request really stopped in the engine.
     generated_tokens: int = 0
+    # Lifetime prompt tokens from the engine's prefix cache and pulled over NIXL, when the
+    # engine counts them itself (vLLM: its prompt-token sources); None: the worker sums
+    # them from the outputs (EngineOutput.cached_prompt_tokens / transferred_prompt_tokens).
+    cached_prompt_tokens: int | None = None
+    kv_transferred_prompt_tokens: int | None = None
 
 
 # Where blocks are, in vLLM's words (BlockStored.medium). None: the engine's own

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import pathlib
@@ -43,7 +44,7 @@ from collections.abc import AsyncIterator
 
 from scheduler.block_hash import DEFAULT_SEED
 from services.engines.base import (Engine, EngineInfo, EngineLoad, EngineOutput, EngineRequest, FinishReason,
-                                   KVTransferParams)
+                                   KVEndpoint, KVTransferParams)
 from services.engines.sim_model import KVTransfer, SimConfig, SimLatency, SimModel, SimOutput, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ class SimEngine(Engine):
         # KV events leave the model as it changes, on this loop's thread.
         self.sim = SimModel(self.config, vocab, on_kv_event=lambda event: self.emit_kv_events((event,)))
         self._driver = asyncio.create_task(self._drive(), name="sim-engine-driver")
-        return self.sim.info
+        # No side channel: a sim decode engine only times the pull, so the id is the endpoint.
+        return dataclasses.replace(self.sim.info, kv_endpoint=KVEndpoint(self.engine_id))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         stream = self._submit(request)

@@ -64,6 +64,7 @@ timing, batching and preemption.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import enum
@@ -169,7 +170,16 @@ class Vocabulary:
 
     def draw(self, key: bytes, position: int) -> tuple[int, float]:
         """(token id, uniform in [0, 1) for the EOS draw) at output `position`."""
-        d = hashlib.blake2b(key + position.to_bytes(8, "little"), digest_size=16).digest()
+        return self._pick(hashlib.blake2b(key + position.to_bytes(8, "little"), digest_size=16).digest())
+
+    def draw_greedy(self, last_block_hash: bytes | None, tail: Sequence[int]) -> tuple[int, float]:
+        """Greedy: a function of the context alone — the hash of its last full KV block and the
+        tokens after it — as a real model's argmax is. A request resumed on another engine with
+        prompt + the tokens already sent (migration) continues with exactly the same tokens."""
+        context = (last_block_hash or b"") + b"|" + array.array("I", tail).tobytes()
+        return self._pick(hashlib.blake2b(context, digest_size=16).digest())
+
+    def _pick(self, d: bytes) -> tuple[int, float]:
         allowed: tuple[int, ...] = self._allowed  # type: ignore[attr-defined]
         return (allowed[int.from_bytes(d[:8], "little") % len(allowed)],
                 int.from_bytes(d[8:], "little") / 2.0**64)
@@ -624,7 +634,12 @@ class SimModel:
 
     def _sample(self, seq: _Seq) -> tuple[int, FinishReason | None]:
         s = seq.request.sampling
-        token, eos_draw = self.vocab.draw(seq.key, seq.num_generated)
+        if s.temperature == 0:
+            full = len(seq.block_hashes) * self.config.block_size
+            token, eos_draw = self.vocab.draw_greedy(seq.block_hashes[-1] if seq.block_hashes else None,
+                                                     seq.tokens[full:])
+        else:
+            token, eos_draw = self.vocab.draw(seq.key, seq.num_generated)
         # vLLM's check_stop order: EOS, stop token ids, then length.
         if (self.config.eos_probability > 0 and not s.ignore_eos and self.vocab.eos_token_id is not None
                 and eos_draw < self.config.eos_probability):

@@ -59,8 +59,10 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from scheduler.block_hash import external_block_hash
 from services.engines.base import (AllBlocksCleared, BlockRemoved, BlockStored, Engine, EngineInfo, EngineLoad,
-                                   EngineOutput, EngineRequest, KVEvent, KVEventSink,
+                                   EngineOutput, EngineRequest, KVEndpoint, KVEvent, KVEventSink,
                                    KVTransferParams)
+from services.engines.cpu_affinity import deprioritize_idle_spinners, parse_cpu_list, restore_engine_cores
+from services.engines.nixl_handshake import fetch_nixl_metadata
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +144,31 @@ class VllmEngine(Engine):
         )
         stats = self._stats
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda cfg, idx: _StatsRecorder(stats)])
+        if s.role != "both":
+            # vLLM's NIXL connector re-pins the model thread and leaves a busy-polling
+            # progress thread on the engine's core: undo both (services/engines/cpu_affinity.py).
+            cores = parse_cpu_list(s.cpu_cores)
+            if cores is not None:
+                restore_engine_cores(cores)
+            deprioritize_idle_spinners()
         config = self._engine.vllm_config
         if config.kv_transfer_config is not None:
             self.kv_engine_id = config.kv_transfer_config.engine_id
+        endpoint = nixl = None
+        if s.role != "both":
+            assert self.kv_engine_id is not None
+            endpoint = KVEndpoint(self.kv_engine_id, s.kv_side_channel_host, s.kv_side_channel_port,
+                                  tp_size=config.parallel_config.tensor_parallel_size)
+            # Published under the worker's lease, so it is read once here, not per request.
+            nixl = await asyncio.to_thread(fetch_nixl_metadata, s.kv_side_channel_host, s.kv_side_channel_port)
         info = EngineInfo(
             model=s.model_name,
             max_model_len=config.model_config.max_model_len,
             block_size=config.cache_config.block_size,
             kv_blocks_total=config.cache_config.num_gpu_blocks or 0,
             max_num_seqs=config.scheduler_config.max_num_seqs,
+            kv_endpoint=endpoint,
+            nixl_metadata=nixl,
         )
         if self._kv_events is not None:
             self._kv_events.start()
@@ -244,6 +262,9 @@ class VllmEngine(Engine):
             waiting=self._stats.waiting,
             kv_cache_usage=self._stats.kv_cache_usage,
             generated_tokens=self._stats.generated_tokens,
+            # Per request vLLM reports only local + external hits together (num_cached_tokens).
+            cached_prompt_tokens=self._stats.pd.local_cache_prompt_tokens,
+            kv_transferred_prompt_tokens=self._stats.pd.kv_transfer_prompt_tokens,
         )
 
     async def stop(self) -> None:

@@ -5,15 +5,18 @@ gRPC; a cancelled stream stops the engine; SIGTERM stops every child."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import time
 
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llm_mesh.v1 import inference_pb2, inference_pb2_grpc, sampling_pb2, worker_pb2, worker_pb2_grpc
 from services.procs import Child, http_ok
@@ -25,16 +28,31 @@ MODEL = "SmolLM2-135M-Instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+def free_port_run(n: int) -> int:
+    """A port p with p … p+n-1 free (for --metrics-base-port)."""
+    for _ in range(100):
+        base = free_port()
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + n):
+                    stack.enter_context(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 class Up:
     def __init__(self, tmp_path) -> None:
         self.gateway = f"http://127.0.0.1:{free_port()}"
         self.scheduler = f"127.0.0.1:{free_port()}"
         self.worker = f"127.0.0.1:{free_port()}"
         etcd_port = free_port_pair()
+        self.metrics_base = free_port_run(3)  # scheduler, gateway, the worker
         self.child = Child.llm_mesh("up", [
             "up", "--gateway-port", self.gateway.rsplit(":", 1)[1], "--scheduler-port", self.scheduler.rsplit(":", 1)[1],
             "--worker-base-port", self.worker.rsplit(":", 1)[1], "--etcd-port", str(etcd_port),
-            "--run-dir", str(tmp_path / "run"),
+            "--run-dir", str(tmp_path / "run"), "--metrics-base-port", str(self.metrics_base),
         ], tmp_path, env={"COLUMNS": "200"})
 
     def child_pids(self) -> dict[str, int]:
@@ -123,6 +141,29 @@ async def test_cancelled_stream_stops_the_vllm_engine(up):
     assert after.requests_aborted == before.requests_aborted + 1
     assert later.generated_tokens == after.generated_tokens, "vLLM kept generating after the cancel"
     assert after.generated_tokens - before.generated_tokens < 1000
+
+
+def test_vllm_worker_serves_vllms_own_metrics(up):
+    """vLLM registers its vllm:* metrics itself: the worker serves them, beside ours, once."""
+    def scrape(offset: int) -> dict[str, list]:
+        text = httpx.get(f"http://127.0.0.1:{up.metrics_base + offset}/metrics", timeout=10).text
+        samples: dict[str, list] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append(sample)
+        return samples
+
+    worker = scrape(2)
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total",
+                 "vllm:prefix_cache_hits_total", "vllm:e2e_request_latency_seconds_count"):
+        assert [s.labels["model_name"] for s in worker[name]] == [MODEL], name
+    assert worker["vllm:time_to_first_token_seconds_count"][0].value >= 4  # the requests above
+    assert worker["llm_mesh_worker_kv_events_published_total"][0].value > 0
+    assert worker["llm_mesh_etcd_lease_healthy"][0].value == 1
+    scheduler = scrape(0)
+    ok = [s.value for s in scheduler["llm_mesh_requests_total"] if s.labels["outcome"] == "ok"]
+    assert ok and ok[0] >= 4
 
 
 def test_sigterm_stops_every_child(up):

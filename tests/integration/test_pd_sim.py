@@ -143,6 +143,25 @@ async def test_client_cancel_aborts_the_decode_leg(pd_mesh):
     assert later.generated_tokens == after.generated_tokens
 
 
+async def test_prefill_worker_registers_its_kv_endpoint_once(pd_mesh):
+    """The engine id is in the membership record (published once); a prefill leg's reply then
+    carries only ids, and the scheduler completes it from the record."""
+    addresses = roles(pd_mesh)
+    async with grpc.aio.insecure_channel(pd_mesh.scheduler_address) as channel:
+        listed = await scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(scheduler_pb2.ListWorkersRequest())
+    by_address = {w.member.address: w.member for w in listed.workers}
+    endpoint = by_address[addresses["prefill"]].worker.kv_endpoint
+    assert endpoint.engine_id.startswith("sim-")
+    prompt = [2000 + i for i in range(96)]
+    async with grpc.aio.insecure_channel(addresses["prefill"]) as channel:
+        replies = [r async for r in worker_pb2_grpc.WorkerStub(channel).Generate(worker_pb2.WorkerGenerateRequest(
+            request_id="pd-endpoint", prompt_token_ids=prompt, remote_decode=True,
+            sampling=sampling_pb2.SamplingParams(max_tokens=1)))]
+    kv = replies[-1].kv_transfer
+    assert kv.engine_id == endpoint.engine_id and kv.num_tokens == 96 and len(kv.block_ids) == 96 // by_address[addresses["prefill"]].worker.block_size
+    assert (kv.host, kv.port, kv.tp_size) == ("", 0, 0)  # where to pull from is not per request
+
+
 async def test_dead_prefill_worker_falls_back_to_a_local_prefill(pd_mesh):
     """kill -9 of the prefill worker: its lease (30 s) still routes to it; the leg fails and the
     decode worker prefills itself. The request succeeds."""
@@ -154,3 +173,4 @@ async def test_dead_prefill_worker_falls_back_to_a_local_prefill(pd_mesh):
             chat(" ".join(f"pd-fallback-{i}" for i in range(150)), max_tokens=6, temperature=0), timeout=20)]
     assert sum(len(r.token_ids) for r in replies) == 6
     assert (await metrics(pd_mesh))[("llm_mesh_pd_prefill_fallbacks_total", ())] == before + 1
+

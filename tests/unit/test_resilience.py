@@ -58,3 +58,18 @@ def test_retry_policy_validates():
         RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError):
         RetryPolicy(jitter=1.0)
+
+
+def test_routable_filter_skips_open_circuits_and_workers_that_failed_the_request():
+    from scheduler.framework import RequestView, WorkerState
+    from scheduler.index import BlockIndex
+    from scheduler.policies import policy_by_name
+
+    workers = [WorkerState("a", "m", 4), WorkerState("b", "m", 4), WorkerState("c", "m", 4)]
+    workers[0].circuit.failed(100.0, "UNAVAILABLE")
+    view = RequestView.from_tokens("m", list(range(64)), 16, now=100.5, exclude=frozenset({"b"}))
+    decision = policy_by_name("ours").decide(view, workers, BlockIndex(), dry_run=True)
+    assert decision.worker_id == "c"
+    assert decision.filtered == {"a": "circuit open (UNAVAILABLE)", "b": "failed this request"}
+    later = RequestView.from_tokens("m", list(range(64)), 16, now=101.0)  # cool-down over: half-open
+    assert policy_by_name("ours").decide(later, workers, BlockIndex(), dry_run=True).filtered == {}

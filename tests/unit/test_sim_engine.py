@@ -232,3 +232,18 @@ def test_worker_flags_build_an_engine():
     assert (c.model, c.block_size, c.num_blocks, c.max_num_seqs, c.max_model_len) == ("m", 32, 100, 3, 4096)
     assert (c.latency.itl_s, c.latency.prefill_per_token_s) == (0.005, 0.00002)
     assert c.latency.batch_slowdown == SimLatency().batch_slowdown and c.hash_seed == "vllm-none-hash"
+
+
+async def test_greedy_output_depends_on_the_context_alone():
+    """A request resumed elsewhere with prompt + the tokens already sent (migration) continues
+    exactly as the uninterrupted run, like a real model's greedy decoding."""
+    prompt = list(range(300, 337))
+    async with engine(block_size=4) as e:
+        whole, _ = joined(await collect(e, req("whole", prompt, 20, temperature=0.0)))
+    async with engine(block_size=4) as other:  # another engine: nothing cached
+        for cut in (1, 7, 12):
+            rest, _ = joined(await collect(other, req(f"resumed-{cut}", prompt + whole[:cut], 20 - cut,
+                                                        temperature=0.0)))
+            assert rest == whole[cut:], cut
+        sampled, _ = joined(await collect(other, req("sampled", prompt, 20, temperature=1.0, seed=3)))
+    assert sampled != whole

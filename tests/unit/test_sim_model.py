@@ -238,4 +238,4 @@ def test_rejects_requests_that_can_never_run():
 
 def test_info_reports_the_config():
     info = SimModel(SimConfig(model="m", block_size=32, num_blocks=10, max_num_seqs=3, max_model_len=99)).info
-    assert dataclasses.astuple(info) == ("m", 99, 32, 10, 3)
+    assert dataclasses.astuple(info) == ("m", 99, 32, 10, 3, None, None)

@@ -47,7 +47,7 @@ class Member(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[MemberKind, str]] = ..., address: _Optional[str] = ..., started_at: _Optional[int] = ..., version: _Optional[str] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "model", "engine", "max_model_len", "block_size", "kv_blocks_total", "max_num_seqs", "nixl_metadata_key")
+    __slots__ = ("role", "model", "engine", "max_model_len", "block_size", "kv_blocks_total", "max_num_seqs", "nixl_metadata_key", "kv_endpoint")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class WorkerInfo(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     NIXL_METADATA_KEY_FIELD_NUMBER: _ClassVar[int]
+    KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     model: str
     engine: str
@@ -64,4 +65,33 @@ class WorkerInfo(_message.Message):
     kv_blocks_total: int
     max_num_seqs: int
     nixl_metadata_key: str
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., nixl_metadata_key: _Optional[str] = ...) -> None: ...
+    kv_endpoint: KVEndpoint
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., nixl_metadata_key: _Optional[str] = ..., kv_endpoint: _Optional[_Union[KVEndpoint, _Mapping]] = ...) -> None: ...
+
+class KVEndpoint(_message.Message):
+    __slots__ = ("engine_id", "host", "port", "tp_size")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    host: str
+    port: int
+    tp_size: int
+    def __init__(self, engine_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
+
+class NixlAgentMetadata(_message.Message):
+    __slots__ = ("engine_id", "connector_version", "compatibility_hash", "handshake_payload", "agent_metadata_bytes", "num_blocks")
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPATIBILITY_HASH_FIELD_NUMBER: _ClassVar[int]
+    HANDSHAKE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    engine_id: str
+    connector_version: int
+    compatibility_hash: str
+    handshake_payload: bytes
+    agent_metadata_bytes: int
+    num_blocks: int
+    def __init__(self, engine_id: _Optional[str] = ..., connector_version: _Optional[int] = ..., compatibility_hash: _Optional[str] = ..., handshake_payload: _Optional[bytes] = ..., agent_metadata_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...

@@ -95,3 +95,133 @@ class DisaggregationDecision(_message.Message):
     reason: str
     uncached_tokens: int
     def __init__(self, remote: _Optional[bool] = ..., prefill_worker_id: _Optional[str] = ..., rule: _Optional[str] = ..., reason: _Optional[str] = ..., uncached_tokens: _Optional[int] = ...) -> None: ...
+
+class GetScalingPlanRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ScalingPlan(_message.Message):
+    __slots__ = ("computed_at_unix_ms", "window_s", "disaggregated", "roles", "ttft_p90_slo_s", "itl_p90_slo_s", "load")
+    COMPUTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    DISAGGREGATED_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P90_SLO_S_FIELD_NUMBER: _ClassVar[int]
+    ITL_P90_SLO_S_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    computed_at_unix_ms: int
+    window_s: float
+    disaggregated: bool
+    roles: _containers.RepeatedCompositeFieldContainer[RoleScaling]
+    ttft_p90_slo_s: float
+    itl_p90_slo_s: float
+    load: PlannerLoad
+    def __init__(self, computed_at_unix_ms: _Optional[int] = ..., window_s: _Optional[float] = ..., disaggregated: _Optional[bool] = ..., roles: _Optional[_Iterable[_Union[RoleScaling, _Mapping]]] = ..., ttft_p90_slo_s: _Optional[float] = ..., itl_p90_slo_s: _Optional[float] = ..., load: _Optional[_Union[PlannerLoad, _Mapping]] = ...) -> None: ...
+
+class RoleScaling(_message.Message):
+    __slots__ = ("role", "observed_replicas", "desired_replicas", "required_replicas", "min_replicas", "max_replicas", "reason")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    observed_replicas: int
+    desired_replicas: int
+    required_replicas: float
+    min_replicas: int
+    max_replicas: int
+    reason: str
+    def __init__(self, role: _Optional[str] = ..., observed_replicas: _Optional[int] = ..., desired_replicas: _Optional[int] = ..., required_replicas: _Optional[float] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PlannerLoad(_message.Message):
+    __slots__ = ("arrival_rate", "prompt_tokens_mean", "uncached_prompt_tokens_mean", "output_tokens_mean", "ttft_p90_s", "itl_p90_s", "prefill_queue", "decode_running", "kv_utilization", "predicted_prefill_tokens_per_s", "predicted_decode_tokens_per_s")
+    ARRIVAL_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    UNCACHED_PROMPT_TOKENS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P90_S_FIELD_NUMBER: _ClassVar[int]
+    ITL_P90_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    KV_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    arrival_rate: float
+    prompt_tokens_mean: float
+    uncached_prompt_tokens_mean: float
+    output_tokens_mean: float
+    ttft_p90_s: float
+    itl_p90_s: float
+    prefill_queue: int
+    decode_running: int
+    kv_utilization: float
+    predicted_prefill_tokens_per_s: float
+    predicted_decode_tokens_per_s: float
+    def __init__(self, arrival_rate: _Optional[float] = ..., prompt_tokens_mean: _Optional[float] = ..., uncached_prompt_tokens_mean: _Optional[float] = ..., output_tokens_mean: _Optional[float] = ..., ttft_p90_s: _Optional[float] = ..., itl_p90_s: _Optional[float] = ..., prefill_queue: _Optional[int] = ..., decode_running: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., predicted_prefill_tokens_per_s: _Optional[float] = ..., predicted_decode_tokens_per_s: _Optional[float] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SchedulerStats(_message.Message):
+    __slots__ = ("scheduler_id", "policy", "uptime_s", "requests_by_outcome", "pd_decisions_by_rule", "routing_decision_p50_s", "routing_decision_p99_s", "routing_decisions_in_window", "routing_window_s", "prompt_tokens", "cached_prompt_tokens", "prefix_hit_ratio", "recent_errors")
+    class RequestsByOutcomeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class PdDecisionsByRuleEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_BY_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PD_DECISIONS_BY_RULE_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_DECISION_P50_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_DECISION_P99_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_DECISIONS_IN_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_RATIO_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    scheduler_id: str
+    policy: str
+    uptime_s: float
+    requests_by_outcome: _containers.ScalarMap[str, int]
+    pd_decisions_by_rule: _containers.ScalarMap[str, int]
+    routing_decision_p50_s: float
+    routing_decision_p99_s: float
+    routing_decisions_in_window: int
+    routing_window_s: float
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    prefix_hit_ratio: float
+    recent_errors: _containers.RepeatedCompositeFieldContainer[RequestError]
+    def __init__(self, scheduler_id: _Optional[str] = ..., policy: _Optional[str] = ..., uptime_s: _Optional[float] = ..., requests_by_outcome: _Optional[_Mapping[str, int]] = ..., pd_decisions_by_rule: _Optional[_Mapping[str, int]] = ..., routing_decision_p50_s: _Optional[float] = ..., routing_decision_p99_s: _Optional[float] = ..., routing_decisions_in_window: _Optional[int] = ..., routing_window_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., prefix_hit_ratio: _Optional[float] = ..., recent_errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ...) -> None: ...
+
+class RequestError(_message.Message):
+    __slots__ = ("time_unix_ms", "code", "worker_id", "message", "request_id", "model")
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    time_unix_ms: int
+    code: str
+    worker_id: str
+    message: str
+    request_id: str
+    model: str
+    def __init__(self, time_unix_ms: _Optional[int] = ..., code: _Optional[str] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...

@@ -45,6 +45,16 @@ class SchedulerStub:
                 request_serializer=llm__mesh_dot_v1_dot_scheduler__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=llm__mesh_dot_v1_dot_scheduler__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.GetScalingPlan = channel.unary_unary(
+                '/llm_mesh.v1.Scheduler/GetScalingPlan',
+                request_serializer=llm__mesh_dot_v1_dot_scheduler__pb2.GetScalingPlanRequest.SerializeToString,
+                response_deserializer=llm__mesh_dot_v1_dot_scheduler__pb2.ScalingPlan.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/llm_mesh.v1.Scheduler/GetStats',
+                request_serializer=llm__mesh_dot_v1_dot_scheduler__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=llm__mesh_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -65,6 +75,21 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetScalingPlan(self, request, context):
+        """The scaling planner's latest recommendation: desired replicas per role for
+        the profile's SLOs (scheduler/PLANNER.md), recomputed every planner window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """This replica's counters since start and its recent errors (for `llm-mesh top`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +102,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=llm__mesh_dot_v1_dot_scheduler__pb2.ExplainRequest.FromString,
                     response_serializer=llm__mesh_dot_v1_dot_scheduler__pb2.ExplainResponse.SerializeToString,
+            ),
+            'GetScalingPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetScalingPlan,
+                    request_deserializer=llm__mesh_dot_v1_dot_scheduler__pb2.GetScalingPlanRequest.FromString,
+                    response_serializer=llm__mesh_dot_v1_dot_scheduler__pb2.ScalingPlan.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=llm__mesh_dot_v1_dot_scheduler__pb2.GetStatsRequest.FromString,
+                    response_serializer=llm__mesh_dot_v1_dot_scheduler__pb2.SchedulerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +169,60 @@ class Scheduler:
             '/llm_mesh.v1.Scheduler/Explain',
             llm__mesh_dot_v1_dot_scheduler__pb2.ExplainRequest.SerializeToString,
             llm__mesh_dot_v1_dot_scheduler__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetScalingPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_mesh.v1.Scheduler/GetScalingPlan',
+            llm__mesh_dot_v1_dot_scheduler__pb2.GetScalingPlanRequest.SerializeToString,
+            llm__mesh_dot_v1_dot_scheduler__pb2.ScalingPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_mesh.v1.Scheduler/GetStats',
+            llm__mesh_dot_v1_dot_scheduler__pb2.GetStatsRequest.SerializeToString,
+            llm__mesh_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,62 @@
+"""The fixes for vLLM's NIXL threads on CPU (services/engines/cpu_affinity.py), on real child
+processes: a thread on NIXL's reserved core goes back to the engine's cores, and a thread that
+spins while the rest sleeps gets SCHED_IDLE."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from services.engines import cpu_affinity
+
+SPINNER = """
+import threading, time
+def spin():
+    while True:
+        pass
+threading.Thread(target=spin, daemon=True).start()
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+time.sleep(60)
+"""
+
+
+def test_parse_cpu_list() -> None:
+    assert cpu_affinity.parse_cpu_list("1") == {1}
+    assert cpu_affinity.parse_cpu_list("0,2-3") == {0, 2, 3}
+    assert cpu_affinity.parse_cpu_list("auto") is None
+    assert cpu_affinity.parse_cpu_list("nobind") is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_threads_on_the_reserved_core_go_back(monkeypatch) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    monkeypatch.setattr(cpu_affinity, "nixl_reserved_cores", lambda: {cores[-1]})
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        os.sched_setaffinity(child.pid, {cores[-1]})  # what vLLM's NIXL worker does to itself
+        moved = cpu_affinity.restore_engine_cores({cores[0]})
+        assert (child.pid, child.pid, {cores[-1]}) in moved
+        assert os.sched_getaffinity(child.pid) == {cores[0]}
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_only_the_spinning_thread_gets_sched_idle() -> None:
+    child = subprocess.Popen([sys.executable, "-c", SPINNER])
+    try:
+        time.sleep(0.5)
+        changed = cpu_affinity.deprioritize_idle_spinners(sample_s=0.5)
+        assert len(changed) == 1
+        pid, tid, busy = changed[0]
+        assert pid == child.pid and tid != pid and busy > 0.2
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+        others = [t for t in cpu_affinity.thread_affinities(pid) if t != tid]
+        assert all(os.sched_getscheduler(t) != os.SCHED_IDLE for t in others)
+    finally:
+        child.kill()
+        child.wait()
