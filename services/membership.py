@@ -115,6 +115,10 @@ def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
 _TOKEN_REFRESH_S = 240.0  # etcd's simple tokens live 300 s by default
 
 
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                      ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 class EtcdConnection:
     """The one place an etcd client is built: an etcd3aio client with these settings. With a
     user, `connect` keeps an auth token fresh in the background (retrying while etcd is down,
@@ -124,6 +128,12 @@ class EtcdConnection:
         self.settings = settings or EtcdSettings()
         self._password = self.settings.password() if self.settings.user else None
         self.client = Etcd3Client(list(endpoints), **options, **self.settings.client_options())
+        # gRPC's reconnect backoff grows to ~2 min by default: after an etcd outage a process would
+        # wait that long to re-register. etcd3aio (pinned <0.4) takes channel options only through
+        # its connection manager's list; without it we keep the default backoff.
+        grpc_options = getattr(getattr(self.client, "_manager", None), "grpc_options", None)
+        if isinstance(grpc_options, list):
+            grpc_options.extend(_RECONNECT_OPTIONS)
         self._auth_task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:

@@ -120,3 +120,17 @@ async def test_killed_worker_leaves_routing_within_the_ttl(tmp_path, model_dir):
     finally:
         mesh.stop()
         server.stop()
+
+
+async def test_registers_within_seconds_once_a_refusing_etcd_comes_up(tmp_path):
+    """etcd's port refuses connections for a while (down, not hung): gRPC's reconnect backoff
+    would grow towards 2 minutes; capped (services/membership.py), the registration lands
+    within a few seconds of etcd's return."""
+    server = EtcdServer(tmp_path / "etcd", free_port(), free_port())
+    async with Registration([server.endpoint], worker_member("late-etcd"), ttl=5) as registration:
+        await asyncio.sleep(30)  # failed reconnects all along: uncapped, the next try would be 10-20 s away
+        server.start()
+        try:
+            assert await wait_for(registration.registered.is_set, 6) < 6
+        finally:
+            server.stop()
