@@ -229,3 +229,47 @@ async def test_etcd_stopped_for_20s_under_load_fails_no_request(etcd, model_dir,
         assert len(tokens) == 8
     finally:
         mesh.stop()
+
+
+async def test_admitted_requests_keep_their_ttft_under_3x_overload(etcd, model_dir, tmp_path):
+    """36 closed-loop clients against capacity 12 for 6 s: admitted requests' TTFT stays inside
+    the default profile's 2 s TTFT SLO, refusals come at once."""
+    worker = [*SIM_ARGS, "--sim-itl", "0.01", "--max-num-seqs", "4"]
+    mesh = start_mesh(etcd, tmp_path, model_dir, [worker, worker])
+    try:
+        ttfts, refusals, others = [], [], []
+
+        async def client(i: int, until: float) -> None:
+            n = 0
+            async with grpc.aio.insecure_channel(mesh.scheduler_address) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                while time.monotonic() < until:
+                    n += 1
+                    sent = time.monotonic()
+                    try:
+                        async for r in stub.Generate(request(i * 1000 + n, 50), timeout=30):
+                            if r.token_ids and sent:
+                                ttfts.append(time.monotonic() - sent)
+                                sent = 0.0
+                    except grpc.aio.AioRpcError as exc:
+                        (refusals if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else others).append(
+                            time.monotonic() - sent if sent else exc)
+                        await asyncio.sleep(0.05)
+
+        unloaded = [(await stream(mesh.scheduler_address, request(90_000 + i, 50)))[0] for i in range(3)]
+        assert all(len(t) == 50 for t in unloaded)
+        until = time.monotonic() + 6
+        await asyncio.gather(*(client(i, until) for i in range(36)))
+        ttfts.sort()
+        refusals.sort()
+        assert others == []
+        assert len(ttfts) > 50 and len(refusals) > 100
+        p99 = ttfts[int(0.99 * (len(ttfts) - 1))]
+        # The default profile's TTFT SLO (scheduler/profiles/default.yaml planner.ttft_p90_s) is 2 s: the
+        # queued half-batch waits for a running request (50 tokens × 10 ms) to end, never for a queue.
+        assert p99 < 2.0, f"admitted TTFT p99 {p99:.3f}s"
+        assert refusals[int(0.99 * (len(refusals) - 1))] < 0.5  # promptly
+        print(f"admitted {len(ttfts)} TTFT p50 {ttfts[len(ttfts) // 2] * 1e3:.0f} ms p99 {p99 * 1e3:.0f} ms; "
+              f"refused {len(refusals)} in p99 {refusals[int(0.99 * (len(refusals) - 1))] * 1e3:.0f} ms")
+    finally:
+        mesh.stop()
