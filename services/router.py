@@ -169,6 +169,18 @@ class Router:
         for attempt in range(self.retry.max_attempts):
             if attempt:
                 await asyncio.sleep(self.retry.backoff_s(attempt))
+            if len(progress.sent) >= prepared.sampling.max_tokens:
+                # Cut after its last token, before the final message: nothing left to generate.
+                prompt_tokens, completion_tokens = len(prepared.prompt_token_ids), len(progress.sent)
+                self.metrics.finished(prompt_tokens, 0)
+                if record is not None:
+                    record.finished(prompt_tokens, 0, completion_tokens,
+                                    time.monotonic() - (progress.first_token_at or time.monotonic()))
+                yield inference_pb2.GenerateResponse(
+                    request_id=prepared.request_id, finish_reason=sampling_pb2.FINISH_REASON_LENGTH,
+                    usage=sampling_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                             total_tokens=prompt_tokens + completion_tokens))
+                return
             try:
                 async for response in self._attempt(prepared, context, record, progress, frozenset(tried), attempt):
                     yield response
