@@ -153,20 +153,3 @@ class Disaggregator:
         return DisaggDecision(decode, prefill, "remote",
                               f"remote: {uncached} uncached tokens >= {cfg.remote_prefill_min_tokens}, "
                               f"prefill on {prefill.worker_id}", uncached)
-
-
-def config_from_profile(section: Any, where: str) -> DisaggConfig:
-    """A DisaggConfig from a profile's `disaggregation:` mapping; ValueError names the bad key."""
-    if section is None or section is True:
-        return DisaggConfig()
-    if not isinstance(section, Mapping):
-        raise ValueError(f"{where}: disaggregation must be a mapping, got {section!r}")
-    known = {f.name for f in dataclasses.fields(DisaggConfig)}
-    unknown = set(section) - known
-    if unknown:
-        raise ValueError(f"{where}: disaggregation: unknown key(s) {sorted(unknown)}; "
-                         f"allowed: {sorted(known)}")
-    try:
-        return DisaggConfig(**section)
-    except ValueError as exc:
-        raise ValueError(f"{where}: disaggregation: {exc}") from None

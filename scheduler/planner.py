@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 PREDICTORS = ("max", "ewma", "last")
@@ -255,19 +255,3 @@ def _factor_note(name: str, observed: float | None, slo: float, factor: float) -
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def config_from_profile(section: Any, where: str) -> PlannerConfig:
-    """A PlannerConfig from a profile's `planner:` mapping; ValueError names the bad key."""
-    if section is None or section is True:
-        return PlannerConfig()
-    if not isinstance(section, Mapping):
-        raise ValueError(f"{where}: planner must be a mapping, got {section!r}")
-    known = {f.name for f in dataclasses.fields(PlannerConfig)}
-    unknown = set(section) - known
-    if unknown:
-        raise ValueError(f"{where}: planner: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
-    try:
-        return PlannerConfig(**section)
-    except ValueError as exc:
-        raise ValueError(f"{where}: planner: {exc}") from None

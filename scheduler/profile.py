@@ -17,6 +17,7 @@ at load time; any mistake raises ProfileError naming the bad entry.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 from collections.abc import Mapping
@@ -24,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from scheduler.disagg import config_from_profile
+from scheduler.disagg import DisaggConfig
 from scheduler.filters import DEFAULT_FILTERS, FILTERS
-from scheduler.planner import config_from_profile as planner_config_from_profile
+from scheduler.planner import PlannerConfig
 from scheduler.framework import ProfilePolicy
 from scheduler.pickers import PICKERS
 from scheduler.scorers import SCORERS
@@ -72,12 +73,27 @@ def load_profile(source: str | pathlib.Path | Mapping[str, Any]) -> ProfilePolic
         except (TypeError, ValueError) as exc:
             raise ProfileError(f"{where}: speculative: {exc}") from None
     policy = ProfilePolicy(name, filters, scorers, picker, overlay)
-    try:
-        policy.disagg = config_from_profile(spec.get("disaggregation"), where)
-        policy.planner = planner_config_from_profile(spec.get("planner"), where)
-    except ValueError as exc:
-        raise ProfileError(str(exc)) from None
+    policy.disagg = _config_section(DisaggConfig, spec, "disaggregation", where)
+    policy.planner = _config_section(PlannerConfig, spec, "planner", where)
     return policy
+
+
+def _config_section(config: type, spec: Mapping[str, Any], key: str, where: str) -> Any:
+    """The dataclass `config` from the profile's `key:` mapping (absent or `true`: its defaults);
+    the ProfileError names the bad key."""
+    section = spec.get(key)
+    if section is None or section is True:
+        return config()
+    if not isinstance(section, Mapping):
+        raise ProfileError(f"{where}: {key} must be a mapping, got {section!r}")
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = set(section) - known
+    if unknown:
+        raise ProfileError(f"{where}: {key}: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    try:
+        return config(**section)
+    except ValueError as exc:
+        raise ProfileError(f"{where}: {key}: {exc}") from None
 
 
 def _read(source: str | pathlib.Path | Mapping[str, Any]) -> tuple[Any, str]:
