@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
@@ -123,12 +123,6 @@ class InputGuard(grpc.aio.ServerInterceptor):
 
         kind = "unary_stream" if handler.response_streaming else "unary_unary"
         return handler._replace(request_deserializer=deserialize, **{kind: guard(getattr(handler, kind))})
-
-
-async def set_serving(health_servicer: health.HealthServicer, names: Iterable[str], serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ["", *names]:
-        await health_servicer.set(name, status)
 
 
 def status_with_details(code: grpc.StatusCode, message: str, *, field: str | None = None,

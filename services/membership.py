@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import logging
 import pathlib
-import time
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -187,8 +186,7 @@ class Registration:
 
     Health, for readiness and metrics (services/readiness.py, services/metrics.py read it;
     this module stays free of both): `healthy` (the last keep-alive succeeded),
-    `lease_alive` (the lease has not expired by our last renewal, so a short etcd outage
-    keeps it true), `keepalive_failures` and `registrations` (lifetime counts).
+    `ever_registered`, `keepalive_failures` and `registrations` (lifetime counts).
     """
 
     def __init__(self, endpoints: Sequence[str], member: membership_pb2.Member, ttl: int = DEFAULT_TTL_S,
@@ -202,7 +200,6 @@ class Registration:
         self._etcd = EtcdConnection(endpoints, etcd, rpc_max_attempts=1)
         self._client = self._etcd.client
         self._lease_id: int | None = None
-        self._lease_expires = 0.0  # time.monotonic() by which the lease is gone unless renewed
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._attached: dict[str, bytes] = {}  # other keys under the same lease
@@ -212,15 +209,10 @@ class Registration:
 
     @property
     def ever_registered(self) -> bool:
-        """Registered at least once. Readiness keys on this, not on `lease_alive`: through an
+        """Registered at least once. Readiness keys on this, not on the lease being alive: through an
         etcd outage the process keeps serving (schedulers keep their last view of the
         workers), and it registers again when etcd returns; only a drain ends readiness."""
         return self.registrations > 0
-
-    @property
-    def lease_alive(self) -> bool:
-        """Registered, and the lease outlives now by our last successful renewal."""
-        return self._lease_id is not None and time.monotonic() < self._lease_expires
 
     async def __aenter__(self) -> Registration:
         await self._etcd.connect()
@@ -252,25 +244,23 @@ class Registration:
     async def _run(self) -> None:
         while True:
             try:
-                sent = time.monotonic()  # the TTL counts from before the request reached etcd
                 if self._lease_id is None:
                     lease = await self._client.lease.grant(self.ttl, timeout=_RPC_TIMEOUT_S)
                     await self._put_all(lease.ID)
-                    self._lease_id, self._lease_expires = lease.ID, sent + lease.TTL
+                    self._lease_id = lease.ID
                     self.registrations += 1
                     self.registered.set()
                     log.info("registered %s (lease %x, ttl %ss)", self.key, lease.ID, self.ttl)
                 elif self._changed.is_set():
                     self._changed.clear()
                     await self._put_all(self._lease_id)
-                sent = time.monotonic()
                 left = await self._keep_alive_once()
                 if left <= 0:
                     log.warning("lease of %s expired; registering again", self.key)
                     self._lease_id, self.healthy = None, False
                     self.registered.clear()
                     continue
-                self._lease_expires, self.healthy = sent + left, True
+                self.healthy = True
                 interval = self.ttl / 3
             except _ETCD_ERRORS as exc:
                 log.warning("etcd unreachable for %s (%s); retrying", self.key, type(exc).__name__)
