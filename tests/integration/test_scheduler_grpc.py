@@ -73,8 +73,16 @@ async def test_list_models(inference):
 
 
 async def test_requests_spread_over_both_workers(sim_mesh, inference):
+    # The scheduler knows both workers, routable...
+    async with grpc.aio.insecure_channel(sim_mesh.scheduler_address) as channel:
+        listed = await scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(scheduler_pb2.ListWorkersRequest())
+    assert sorted(w.state for w in listed.workers) == [scheduler_pb2.WORKER_STATE_READY] * 2
+    # ...and uses both for a burst of distinct long prompts: each queues ~500 uncached tokens, so
+    # one worker taking all eight would have to look 8x slower than the other. (Short prompts that
+    # share the chat template may rightly batch on one worker: the cost model's call, not a bug.)
     replies = await asyncio.gather(*[
-        _first(inference.Generate(chat(f"spread {i}", max_tokens=20))) for i in range(8)])
+        _first(inference.Generate(chat(f"{i} " + " ".join(f"spread{i}x{j}" for j in range(120)), max_tokens=20)))
+        for i in range(8)])
     assert len({r.worker_id for r in replies}) == 2
 
 

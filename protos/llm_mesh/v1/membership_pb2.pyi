@@ -1,3 +1,4 @@
+from llm_mesh.v1 import kvstore_pb2 as _kvstore_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -31,20 +32,22 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_BOTH: WorkerRole
 
 class Member(_message.Message):
-    __slots__ = ("id", "kind", "address", "started_at", "version", "worker")
+    __slots__ = ("id", "kind", "address", "started_at", "version", "worker", "kvstore")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    KVSTORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: MemberKind
     address: str
     started_at: int
     version: str
     worker: WorkerInfo
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[MemberKind, str]] = ..., address: _Optional[str] = ..., started_at: _Optional[int] = ..., version: _Optional[str] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
+    kvstore: _kvstore_pb2.KVStoreInfo
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[MemberKind, str]] = ..., address: _Optional[str] = ..., started_at: _Optional[int] = ..., version: _Optional[str] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., kvstore: _Optional[_Union[_kvstore_pb2.KVStoreInfo, _Mapping]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("role", "model", "engine", "max_model_len", "block_size", "kv_blocks_total", "max_num_seqs", "nixl_metadata_key", "kv_endpoint")
