@@ -221,6 +221,9 @@ class WorkerScore:
     score: float
     components: dict[str, float]
     filtered_reason: str = ""
+    # The prompt's leading blocks usable here, by tier (its own run, then the KV store's
+    # continuation); empty for filtered workers (proto: WorkerScore.prefix_blocks).
+    prefix_by_tier: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -241,7 +244,9 @@ class Decision:
     details: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     filtered: dict[str, str] = dataclasses.field(default_factory=dict)  # worker_id -> reason
     reason: str = ""  # why worker_id is None (no eligible worker, SLO reject...)
-    prefix: dict[str, PrefixMatch] = dataclasses.field(default_factory=dict)  # index matches, by worker
+    prefix: dict[str, PrefixMatch] = dataclasses.field(default_factory=dict)  # index matches, by holder
+    # Per eligible worker: the leading blocks it can use (its own run + the KV store's continuation).
+    usable: dict[str, PrefixMatch] = dataclasses.field(default_factory=dict)
     prefill_tokens: int = 0  # predicted uncached prompt tokens at the chosen worker
     cached_tokens: int = 0  # prompt tokens the chosen worker holds in its engine tier
     request_blocks: int = 0  # full blocks of the prompt
@@ -253,7 +258,9 @@ class Decision:
         for i, wid in enumerate(self.eligible):
             comps = {name: col[i] for name, col in self.components.items()}
             comps.update({name: col[i] for name, col in self.details.items()})
-            rows.append(WorkerScore(wid, self.totals[i], comps))
+            m = self.usable.get(wid)
+            rows.append(WorkerScore(wid, self.totals[i], comps,
+                                    prefix_by_tier=tuple(m.by_tier) if m is not None else (0,) * len(Tier)))
         rows.sort(key=lambda r: -r.score)
         rows += [WorkerScore(wid, 0.0, {}, reason) for wid, reason in self.filtered.items()]
         return rows
@@ -303,6 +310,26 @@ class Committing(Protocol):
 DEFAULT_TIER_WEIGHTS = {Tier.ENGINE: 1.0, Tier.HOST: 0.75, Tier.DISK: 0.25, Tier.STORE: 0.5}
 
 
+def store_run(raw: dict[str, PrefixMatch], worker_ids: set[str] | frozenset[str]) -> int:
+    """The longest leading run of the prompt held by a KV store: a holder that is not one of
+    `worker_ids` and holds its whole run in the STORE tier (a worker's own STORE-tier blocks are
+    in its own match already). 0 without a store."""
+    run = 0
+    for holder, m in raw.items():
+        if holder not in worker_ids and m.blocks and m.by_tier[Tier.STORE] == m.blocks:
+            run = max(run, m.blocks)
+    return run
+
+
+def with_store(m: PrefixMatch, run: int) -> PrefixMatch:
+    """A worker's match extended by the store's blocks beyond it (they continue its own run)."""
+    if run <= m.blocks:
+        return m
+    by = list(m.by_tier)
+    by[Tier.STORE] += run - m.blocks
+    return PrefixMatch(run, by)
+
+
 class ScoringContext:
     """Per-decision state shared by the plugins: the request, the index matches (looked up once)."""
 
@@ -338,12 +365,7 @@ class ScoringContext:
             return self._matches
         raw = self.raw_matches
         r = self.request
-        worker_ids = {w.worker_id for w in self.workers}
-        # The longest run any non-worker holder (a KV store) has in the STORE tier.
-        store_run = 0
-        for holder, m in raw.items():
-            if holder not in worker_ids and m.by_tier[Tier.STORE] == m.blocks:
-                store_run = max(store_run, m.blocks)
+        store = store_run(raw, {w.worker_id for w in self.workers}) if raw else 0
         spec = self.overlay.match(r) if self.overlay is not None else {}
         empty = PrefixMatch(0, [0, 0, 0, 0])
         out = []
@@ -353,13 +375,11 @@ class ScoringContext:
                 continue
             m = raw.get(w.worker_id, empty)
             extra_engine = max(0, spec.get(w.worker_id, 0) - m.blocks)
-            extra_store = max(0, store_run - m.blocks - extra_engine)
-            if extra_engine or extra_store:
+            if extra_engine:
                 by = list(m.by_tier)
                 by[Tier.ENGINE] += extra_engine
-                by[Tier.STORE] += extra_store
-                m = PrefixMatch(m.blocks + extra_engine + extra_store, by)
-            out.append(m)
+                m = PrefixMatch(m.blocks + extra_engine, by)
+            out.append(with_store(m, store))
         self._matches = out
         return out
 
@@ -453,6 +473,8 @@ class ProfilePolicy:
         chosen = eligible[i]
         decision.worker_id = chosen.worker_id
         decision.prefix = ctx.raw_matches if ctx.request.block_hashes else {}
+        if ctx.request.block_hashes:
+            decision.usable = {w.worker_id: m for w, m in zip(eligible, ctx.matches())}
         m = ctx.matches()[i] if ctx.request.block_hashes else None
         decision.cached_tokens = min(ctx.request.prompt_tokens,
                                      (m.by_tier[Tier.ENGINE] if m else 0) * ctx.request.block_size)

@@ -21,6 +21,9 @@ Invariants:
   (the engine can't use a block whose predecessor it lacks).
 - The tier reported for a block is the best (lowest) tier the worker holds it in.
 - Models are separate namespaces: the same hash under two models never mixes.
+- Holders are opaque ids: workers and KV stores alike (a store holds its blocks in its own
+  slot, tier STORE). Which holder's run a worker may use is the matcher's business
+  (framework.ScoringContext.matches: its own, then a store's continuation).
 - A key lives in exactly one generation (see eviction) and its mask never
   has a live slot's bit unless that (worker, tier) announced the block and
   did not remove/clear it since.
@@ -66,7 +69,7 @@ class Tier(enum.IntEnum):
     ENGINE = 0  # the engine's own KV cache (GPU memory, or host memory for vLLM on CPU)
     HOST = 1  # the engine's CPU offload tier
     DISK = 2  # local disk tier
-    STORE = 3  # the shared KV store (a later issue)
+    STORE = 3  # a shared KV store's blocks; the store is a holder of its own (scorers/README.md)
 
 
 NUM_TIERS = len(Tier)

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 
 from scheduler.filters import DEFAULT_FILTERS, FILTERS
 from scheduler.framework import (
-    Decision, Filter, Policy, RequestView, WorkerState, minmax_lower_better, start_decision,
+    Decision, Filter, Policy, RequestView, WorkerState, minmax_lower_better, start_decision, store_run, with_store,
 )
-from scheduler.index import BlockIndex
+from scheduler.index import NUM_TIERS, BlockIndex, PrefixMatch
 from scheduler.profile import load_profile
 
 DEFAULT_POLICY = "ours"
@@ -38,7 +38,9 @@ class SGLangCacheAware:
        matched / prompt > cache_threshold → that worker,
        else → the worker with the smallest tree (fewest blocks routed to it).
     The request's prefix is then inserted into the chosen worker's tree (in both
-    branches). Our reading: the tree holds block hashes instead of characters,
+    branches). The router knows nothing of a KV store (its tree is what it routed;
+    SGLang's HiCache storage tier is the engine's business), so a store changes only
+    what Explain shows (Decision.usable), never the choice. Our reading: the tree holds block hashes instead of characters,
     so the match rate is matched blocks / prompt blocks; the tree is a
     BlockIndex bounded by `max_tree_blocks` (SGLang evicts LRU leaves per
     tenant above max_tree_size on a timer); `source: index` uses the shared
@@ -89,6 +91,10 @@ class SGLangCacheAware:
         d.components = {f"sglang.{branch}": scores}  # the branch the rule took
         d.worker_id = eligible[i].worker_id
         d.prefix = index.match_prefix(request.model, request.block_hashes) if n else {}
+        ids = {w.worker_id for w in workers}
+        run = store_run(d.prefix, ids)
+        empty = _empty_match()
+        d.usable = {w.worker_id: with_store(d.prefix.get(w.worker_id, empty), run) for w in eligible} if n else {}
         held = d.prefix.get(d.worker_id)
         d.cached_tokens = min(request.prompt_tokens, (held.by_tier[0] if held else 0) * request.block_size)
         d.prefill_tokens = max(0, request.prompt_tokens - (held.blocks if held else 0) * request.block_size)
@@ -122,6 +128,10 @@ class MooncakeConductor:
     cache-aware variant: llm-mesh workers can't yet pull KV blocks from a peer,
     so the global variant's transfer isn't executable here; TBT-based
     rejection needs a decode pool (P/D, a later issue) and is not modelled.
+    With a KV store in the mesh (Mooncake Store is the paper's shared pool): a
+    worker's prefix_len extends over the store's blocks that continue its own
+    run, and T_transfer counts them at transfer_tokens_per_s (every worker can
+    pull from the store, so the threshold does not gate it). No store: as above.
     """
 
     name = "mooncake"
@@ -147,6 +157,7 @@ class MooncakeConductor:
         bs = request.block_size
         raw = index.match_prefix(request.model, request.block_hashes) if request.block_hashes else {}
         own = [raw[w.worker_id].blocks if w.worker_id in raw and w.block_size == bs else 0 for w in eligible]
+        store = store_run(raw, {w.worker_id for w in workers}) if raw else 0
         best_len = max(own)
         cols: dict[str, list[float]] = {k: [] for k in ("transfer_s", "queue_s", "prefill_s", "predicted_s")}
         for w, mine in zip(eligible, own):
@@ -154,6 +165,9 @@ class MooncakeConductor:
             transfer_s, prefix = 0.0, mine
             if self.threshold is not None and best_len > self.threshold * mine:
                 prefix, transfer_s = best_len, (best_len - mine) * bs / self.transfer_speed
+            if store > prefix:
+                transfer_s += (store - prefix) * bs / self.transfer_speed
+                prefix = store
             avg = w.pending_prefill_tokens / w.pending_prefill if w.pending_prefill else self.default_tokens
             ahead_tokens = max(w.pending_prefill_tokens, w.reported_waiting * avg)
             queue_s = ahead_tokens / speed + w.waiting * self.overhead
@@ -166,6 +180,9 @@ class MooncakeConductor:
         d.totals = [best / t if t > 0 else 1.0 for t in ttft]
         d.components = {"mooncake.ttft": d.totals}
         d.prefix = raw
+        empty = _empty_match()
+        d.usable = {w.worker_id: with_store(raw.get(w.worker_id, empty) if w.block_size == bs else empty, store)
+                    for w in eligible} if raw else {}
         if self.ttft_slo_s is not None and best > self.ttft_slo_s:
             d.reason = f"rejected: predicted TTFT {best:.3f}s > SLO {self.ttft_slo_s:.3f}s"
             return d
@@ -174,11 +191,15 @@ class MooncakeConductor:
         d.worker_id = chosen.worker_id
         held = raw.get(chosen.worker_id)
         d.cached_tokens = min(request.prompt_tokens, (held.by_tier[0] if held else 0) * bs)
-        d.prefill_tokens = max(0, request.prompt_tokens - own[i] * bs)
+        d.prefill_tokens = max(0, request.prompt_tokens - max(own[i], store) * bs)
         if not dry_run:
             self._seq += 1
             chosen.last_picked = self._seq
         return d
+
+
+def _empty_match() -> PrefixMatch:
+    return PrefixMatch(0, [0] * NUM_TIERS)
 
 
 _PROFILE_POLICIES = {"ours": "default", "random": "random", "round-robin": "round-robin",

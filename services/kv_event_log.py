@@ -2,7 +2,8 @@
 numbered, kept for replay, and folded into the set of blocks it holds.
 
 The engine hands events to `KVEventLog.append` (its KV event sink). The log
-- folds them into set transitions per (tier, hash): the engine may hold two
+- folds them into set transitions per (tier, model, hash) (the model is ""
+  from a worker, named by a KV store holding several): the engine may hold two
   blocks with one hash (vLLM does, for concurrent identical prefixes), so it
   counts references and announces a hash stored on 0 → 1 and removed on
   1 → 0 only. Subscribers therefore need no reference counts;
@@ -37,12 +38,13 @@ _MEDIUM_TIERS = {
     None: worker_pb2.KV_TIER_ENGINE, "GPU": worker_pb2.KV_TIER_ENGINE, "ENGINE": worker_pb2.KV_TIER_ENGINE,
     "CPU": worker_pb2.KV_TIER_HOST, "HOST": worker_pb2.KV_TIER_HOST,
     "DISK": worker_pb2.KV_TIER_DISK, "STORAGE": worker_pb2.KV_TIER_DISK,
+    "STORE": worker_pb2.KV_TIER_STORE,  # a KV store's own blocks (services/kvstore_service.py)
 }
 
 
 def tier_of_medium(medium: str | None) -> int:
     """vLLM's `medium` → KVTier: the engine's own memory (GPU, or unnamed) is
-    ENGINE, CPU offload HOST, disk/storage DISK. An unknown medium counts as
+    ENGINE, CPU offload HOST, disk/storage DISK; STORE is a KV store's. An unknown medium counts as
     DISK, the cheapest tier a hit is credited at: never over-promise."""
     return _MEDIUM_TIERS.get(medium.upper() if medium is not None else None, worker_pb2.KV_TIER_DISK)
 
@@ -64,7 +66,8 @@ class KVEventLog:
         self.block_size = block_size  # reported in snapshots; set once the engine is known
         # Ring: event seq s is at _ring[s % capacity] as (with tokens, without tokens).
         self._ring: list[tuple[worker_pb2.KVEvent, worker_pb2.KVEvent] | None] = [None] * capacity
-        self._live: dict[int, dict[int, int]] = {}  # tier → hash → engine blocks holding it
+        # (tier, model) → hash → engine blocks holding it; model "" from a worker (its own model).
+        self._live: dict[tuple[int, str], dict[int, int]] = {}
         self._wakeup: asyncio.Event | None = None
         self.closed = False
 
@@ -87,7 +90,7 @@ class KVEventLog:
 
     def _stored(self, event: BlockStored) -> None:
         tier = tier_of_medium(event.medium)
-        counts = self._live.setdefault(tier, {})
+        counts = self._live.setdefault((tier, event.model), {})
         hashes = event.block_hashes
         tokens = event.token_ids
         per_block = len(tokens) // len(hashes) if hashes and len(tokens) % len(hashes) == 0 else 0
@@ -108,7 +111,7 @@ class KVEventLog:
                      per_block: int) -> None:
         lean = worker_pb2.KVEvent(stored=worker_pb2.BlockStored(
             block_hashes=event.block_hashes[start:end], parent_block_hash=parent,
-            block_size=event.block_size, tier=tier))
+            block_size=event.block_size, tier=tier, model=event.model))
         full = lean
         if per_block and event.token_ids and self.keep_token_ids:
             full = worker_pb2.KVEvent()
@@ -118,7 +121,7 @@ class KVEventLog:
 
     def _removed(self, event: BlockRemoved) -> None:
         tier = tier_of_medium(event.medium)
-        counts = self._live.get(tier, {})
+        counts = self._live.get((tier, event.model), {})
         gone = []
         for h in event.block_hashes:
             held = counts.get(h)
@@ -130,7 +133,8 @@ class KVEventLog:
             else:
                 counts[h] = held - 1
         if gone:
-            removed = worker_pb2.KVEvent(removed=worker_pb2.BlockRemoved(block_hashes=gone, tier=tier))
+            removed = worker_pb2.KVEvent(removed=worker_pb2.BlockRemoved(block_hashes=gone, tier=tier,
+                                                                         model=event.model))
             self._push(removed, removed)
 
     def _cleared(self, event: AllBlocksCleared) -> None:
@@ -139,7 +143,8 @@ class KVEventLog:
             tier = worker_pb2.KV_TIER_UNSPECIFIED
         else:
             tier = tier_of_medium(event.medium)
-            self._live.pop(tier, None)
+            for key in [k for k in self._live if k[0] == tier]:
+                del self._live[key]
         cleared = worker_pb2.KVEvent(cleared=worker_pb2.AllBlocksCleared(tier=tier))
         self._push(cleared, cleared)
 
@@ -155,8 +160,12 @@ class KVEventLog:
         return max(1, self.seq - self.capacity + 1)
 
     def live_blocks(self) -> dict[int, set[int]]:
-        """tier → hashes held now (a copy; for tests and debugging)."""
-        return {tier: set(counts) for tier, counts in self._live.items() if counts}
+        """tier → hashes held now, all models (a copy; for tests and debugging)."""
+        out: dict[int, set[int]] = {}
+        for (tier, _), counts in self._live.items():
+            if counts:
+                out.setdefault(tier, set()).update(counts)
+        return out
 
     def read(self, after_seq: int, limit: int = MAX_BATCH_EVENTS,
              with_tokens: bool = False) -> list[worker_pb2.KVEvent] | None:
@@ -172,11 +181,11 @@ class KVEventLog:
     def snapshot(self) -> tuple[int, list[worker_pb2.KVEvent]]:
         """(seq, BlockStored events of every live block), consistent at seq."""
         events = []
-        for tier, counts in self._live.items():
+        for (tier, model), counts in self._live.items():
             hashes = list(counts)
             for i in range(0, len(hashes), SNAPSHOT_CHUNK):
                 events.append(worker_pb2.KVEvent(stored=worker_pb2.BlockStored(
-                    block_hashes=hashes[i:i + SNAPSHOT_CHUNK], block_size=self.block_size, tier=tier)))
+                    block_hashes=hashes[i:i + SNAPSHOT_CHUNK], block_size=self.block_size, tier=tier, model=model)))
         return self.seq, events
 
     async def wait(self, after_seq: int, timeout: float) -> bool:

@@ -1,11 +1,11 @@
-"""The scheduler's side of `Worker.WatchKVEvents`: every live worker's KV
-events, applied to this replica's `BlockIndex`.
+"""The scheduler's side of `Worker.WatchKVEvents` and `KVStore.WatchKVEvents`:
+every live worker's and KV store's KV events, applied to this replica's `BlockIndex`.
 
 Each scheduler replica runs its own `KVEventSubscriber`; replicas share
 nothing, yet hold the same index, because each applies the same per-worker
 stream (active-active, no leader). Wiring (services/scheduler_service.py):
 
-    subscriber = KVEventSubscriber(pool.directory, index)
+    subscriber = KVEventSubscriber(pool.directory, index, stores=pool.store_directory)
     await pool.start(); await subscriber.start()
     ...
     await subscriber.stop(); await pool.stop()
@@ -24,6 +24,15 @@ Per worker (membership from etcd decides who is live):
   and its entries dropped (`index.drop_worker`). A record under the same id
   with another address or model is another process: dropped, then followed
   afresh.
+
+KV stores (etcd kind MEMBER_KIND_KVSTORE, `stores`) are followed exactly like
+workers, through the same stream semantics: each store is a holder of its own in
+the index (its member id; tier KV_TIER_STORE in its events), and since a store
+holds several models its events name theirs (BlockStored.model /
+BlockRemoved.model); a store event without a model is skipped (counted in
+`WorkerFeed.unattributed`), never guessed. A worker's events may leave the
+model empty: it is the worker's WorkerInfo.model. Member ids are unique across
+kinds (a store and a worker never share one).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from typing import Protocol
 
 import grpc
 
-from llm_mesh.v1 import membership_pb2, worker_pb2, worker_pb2_grpc
+from llm_mesh.v1 import kvstore_pb2_grpc, membership_pb2, worker_pb2, worker_pb2_grpc
 from scheduler.index import Tier
 from services.grpc_util import CHANNEL_OPTIONS
 from services.tls import TlsFiles, open_channel
@@ -74,7 +83,7 @@ class BlockIndexLike(Protocol):
 
 
 class MemberSource(Protocol):
-    """Live workers: services.membership.MemberDirectory (or WorkerPool.directory)."""
+    """Live members: services.membership.MemberDirectory (WorkerPool.directory, .store_directory)."""
 
     members: dict[str, membership_pb2.Member]
 
@@ -95,9 +104,9 @@ class WorkerFeed:
     (epoch, seq).
     """
 
-    worker_id: str
+    worker_id: str  # the holder id in the index: a worker's or a KV store's member id
     address: str
-    model: str
+    model: str  # the worker's model; "" for a KV store (its events name theirs)
     epoch: str = ""
     seq: int = 0
     pending: tuple[str, int] | None = None
@@ -106,17 +115,22 @@ class WorkerFeed:
     streams: int = 0  # streams opened (more than 1: resumed or resynced)
     events: int = 0  # events applied
     batches: int = 0  # messages received, heartbeats included
+    kvstore: bool = False  # a KV store's feed (KVStore.WatchKVEvents)
+    unattributed: int = 0  # events skipped: no model in the event nor the feed
     task: asyncio.Task[None] | None = dataclasses.field(default=None, repr=False)
     call: grpc.aio.UnaryStreamCall | None = dataclasses.field(default=None, repr=False)
 
 
 class KVEventSubscriber:
-    """Follows the KV event stream of every live worker into one index (see the module docstring)."""
+    """Follows the KV event stream of every live worker (and KV store) into one index (see the
+    module docstring)."""
 
     def __init__(self, members: MemberSource, index: BlockIndexLike, *, retry_initial_s: float = 0.1,
                  retry_max_s: float = 5.0, idle_timeout_s: float = 10.0,
-                 include_token_ids: bool = False, tls: TlsFiles | None = None) -> None:
+                 include_token_ids: bool = False, tls: TlsFiles | None = None,
+                 stores: MemberSource | None = None) -> None:
         self.members = members
+        self.stores = stores
         self.tls = tls
         self.index = index
         self.retry_initial_s = retry_initial_s
@@ -132,9 +146,13 @@ class KVEventSubscriber:
         self._running = True
         if not self._listening:
             self.members.add_listener(self._on_member)
+            if self.stores is not None:
+                self.stores.add_listener(self._on_store)
             self._listening = True
         for member_id, member in list(self.members.members.items()):
             self._on_member(member_id, member)
+        for member_id, member in list(self.stores.members.items()) if self.stores is not None else ():
+            self._on_store(member_id, member)
         for feed in self.feeds.values():  # after a stop(): resume where each feed was
             self._ensure_task(feed)
 
@@ -156,10 +174,14 @@ class KVEventSubscriber:
 
     # --- membership ----------------------------------------------------------
 
-    def _on_member(self, member_id: str, member: membership_pb2.Member | None) -> None:
+    def _on_store(self, member_id: str, member: membership_pb2.Member | None) -> None:
+        self._on_member(member_id, member, kvstore=True)
+
+    def _on_member(self, member_id: str, member: membership_pb2.Member | None, kvstore: bool = False) -> None:
         old = self.feeds.get(member_id)
-        if member is not None and old is not None and (old.address, old.model) == (member.address,
-                                                                                     member.worker.model):
+        model = "" if kvstore else member.worker.model if member is not None else ""
+        if member is not None and old is not None and (old.address, old.model, old.kvstore) == (
+                member.address, model, kvstore):
             return  # same process, updated record
         if old is not None:
             # Gone, or another process under the same id: its cache is not ours to keep.
@@ -167,9 +189,10 @@ class KVEventSubscriber:
             if old.task is not None:
                 old.task.cancel()
             self.index.drop_worker(member_id)
-            log.info("KV events: worker %s left (%s); its blocks dropped", member_id, old.address)
+            log.info("KV events: %s %s left (%s); its blocks dropped", "KV store" if old.kvstore else "worker",
+                     member_id, old.address)
         if member is not None:
-            feed = WorkerFeed(member_id, member.address, member.worker.model)
+            feed = WorkerFeed(member_id, member.address, model, kvstore=kvstore)
             self.feeds[member_id] = feed
             self._ensure_task(feed)
 
@@ -183,7 +206,8 @@ class KVEventSubscriber:
     async def _follow(self, feed: WorkerFeed) -> None:
         delay = self.retry_initial_s
         async with open_channel(feed.address, self.tls, options=CHANNEL_OPTIONS) as channel:
-            stub = worker_pb2_grpc.WorkerStub(channel)
+            stub = (kvstore_pb2_grpc.KVStoreStub(channel) if feed.kvstore
+                    else worker_pb2_grpc.WorkerStub(channel))
             while True:
                 feed.streams += 1
                 feed.pending = None  # a snapshot cut short: epoch is "", so the worker sends a new one
@@ -250,10 +274,18 @@ class KVEventSubscriber:
             kind = event.WhichOneof("event")
             if kind == "stored":
                 stored = event.stored
-                index.stored(worker_id, model, list(stored.block_hashes), index_tier(stored.tier))
+                m = stored.model or model
+                if not m:
+                    feed.unattributed += 1
+                    continue
+                index.stored(worker_id, m, list(stored.block_hashes), index_tier(stored.tier))
             elif kind == "removed":
                 removed = event.removed
-                index.removed(worker_id, model, list(removed.block_hashes), index_tier(removed.tier))
+                m = removed.model or model
+                if not m:
+                    feed.unattributed += 1
+                    continue
+                index.removed(worker_id, m, list(removed.block_hashes), index_tier(removed.tier))
             elif kind == "cleared":
                 tier = event.cleared.tier
                 index.cleared(worker_id, None if tier == worker_pb2.KV_TIER_UNSPECIFIED else index_tier(tier))

@@ -57,8 +57,22 @@ def member_key(member: membership_pb2.Member) -> str:
 
 
 def nixl_metadata_key(member_id: str) -> str:
-    """Where a worker keeps its NIXL agent metadata (under its lease)."""
+    """Where a worker or KV store keeps its NIXL agent metadata (under its lease)."""
     return f"{KEY_ROOT}nixl/{member_id}"
+
+
+KVCHUNKS_ROOT = f"{KEY_ROOT}kvchunks/"
+
+
+def kvchunk_prefix(store_id: str | None = None) -> str:
+    """Prefix of the KV stores' chunk records (llm_mesh.v1.KVStoreChunk as protobuf JSON,
+    under the store's lease): all stores', or one store's."""
+    return KVCHUNKS_ROOT if store_id is None else f"{KVCHUNKS_ROOT}{store_id}/"
+
+
+def kvchunk_key(store_id: str, model: str, first_block_hash: int) -> str:
+    """`/llm-mesh/v1/kvchunks/<store id>/<model>/<first block hash, 16 hex digits>`."""
+    return f"{kvchunk_prefix(store_id)}{model}/{first_block_hash:016x}"
 
 
 def parse_endpoints(value: str | Sequence[str]) -> list[str]:
@@ -206,6 +220,13 @@ class Registration:
         self.healthy = False
         self.keepalive_failures = 0
         self.registrations = 0  # grants of a lease + put; every one after the first is a re-registration
+
+    @property
+    def lease_id(self) -> int | None:
+        """The lease held now (None: none yet, or it lapsed and a new one is being granted).
+        Other keys kept under it (services/kvstore_service.py's chunk records) must be
+        written again when it changes: a lapsed lease took them with it."""
+        return self._lease_id
 
     @property
     def ever_registered(self) -> bool:

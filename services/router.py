@@ -107,7 +107,7 @@ class Router:
         self.retry = retry
         self.admission = AdmissionController(admission)
         self.index = BlockIndex()
-        self.kv_events = KVEventSubscriber(pool.directory, self.index, tls=pool.tls)
+        self.kv_events = KVEventSubscriber(pool.directory, self.index, tls=pool.tls, stores=pool.store_directory)
         self.metrics = metrics or SchedulerMetrics()
         self.stats = RouterStats()  # GetStats and the scaling planner's window
         self.metrics.watch_index(lambda: len(self.index), lambda: self.kv_events.feeds)

@@ -170,8 +170,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
 
 def _scores(decision) -> list[scheduler_pb2.WorkerScore]:
-    return [scheduler_pb2.WorkerScore(worker_id=s.worker_id, score=s.score, components=s.components,
-                                      filtered_reason=s.filtered_reason) for s in decision.worker_scores()]
+    rows = []
+    for s in decision.worker_scores():
+        row = scheduler_pb2.WorkerScore(worker_id=s.worker_id, score=s.score, components=s.components,
+                                        filtered_reason=s.filtered_reason)
+        if s.prefix_by_tier:  # eligible: its own blocks by tier, then the KV store's continuation
+            engine, host, disk, store = s.prefix_by_tier
+            row.prefix_blocks.CopyFrom(scheduler_pb2.PrefixBlocks(engine=engine, host=host, disk=disk, store=store))
+        rows.append(row)
+    return rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

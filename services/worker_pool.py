@@ -3,7 +3,8 @@ channel per worker, and load polled from each worker's GetLoad.
 
 Routing state lives in scheduler.framework.WorkerState; this module only keeps it
 current. A worker whose etcd key is deleted (lease expired or revoked) is
-dropped at once, its channel closed.
+dropped at once, its channel closed. The KV stores' membership is watched too
+(`store_directory`): the router's KVEventSubscriber follows their KV events.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class WorkerPool:
         self.tls = tls  # client side of the links to workers (services/tls.py)
         self.directory = MemberDirectory(etcd_endpoints, membership_pb2.MEMBER_KIND_WORKER, etcd)
         self.directory.add_listener(self._on_member)
+        self.store_directory = MemberDirectory(etcd_endpoints, membership_pb2.MEMBER_KIND_KVSTORE, etcd)
         self.poll_interval_s = poll_interval_s
         self._poller: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -59,6 +61,7 @@ class WorkerPool:
 
     async def start(self) -> None:
         await self.directory.start()
+        await self.store_directory.start()
         self._poller = asyncio.create_task(self._poll_loop(), name="worker-load-poller")
 
     async def stop(self) -> None:
@@ -67,6 +70,7 @@ class WorkerPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         await self.directory.stop()
+        await self.store_directory.stop()
         for task in self._closing:
             task.cancel()
         await asyncio.gather(*self._closing, return_exceptions=True)

@@ -17,6 +17,10 @@ engine with `remote_kv=True`: it pulls the KV it lacks (`ClusterSpec.kv_transfer
 and decodes every output token there, as llm-d's decode side does (the
 prefill's token is not forwarded).
 
+KV store (`ClusterSpec.kvstore_blocks` > 0): one SimStore (services/engines/sim_store.py)
+shared by every engine, announcing its blocks into the same index as holder `KVSTORE_ID`
+(tier STORE), as the real store's WatchKVEvents does; engines offload to it and load from it.
+
 Latencies reported: TTFT = arrival → first token at the decode engine;
 ITL = every gap between consecutive tokens of a request, pooled over all
 requests (what `vllm bench serve` reports as ITL, so one stalled step shows in
@@ -38,6 +42,9 @@ from scheduler.framework import Role
 from services.bench.workload import WorkloadRequest, prompt_tokens
 from services.engines.base import EngineRequest, SamplingOptions
 from services.engines.sim_model import KVTransfer, SimConfig, SimLatency, SimModel, Vocabulary
+from services.engines.sim_store import SimStore, StoreLink, connect_store_index
+
+KVSTORE_ID = "kvstore-0"  # the simulated store's holder id in the block index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,9 @@ class ClusterSpec:
     prefill_workers: int = 0        # P/D: prefill-only engines
     decode_workers: int = 0         # P/D: decode engines (prefill locally when the rule says so)
     kv_transfer: KVTransfer = KVTransfer()
+    kvstore_blocks: int = 0         # the shared KV store's capacity in blocks (0: no store)
+    kvstore_offload: str = "evict"  # what engines write to it: evicted blocks, or every computed one
+    kvstore_link: StoreLink = StoreLink()
 
     @property
     def total_workers(self) -> int:
@@ -239,8 +249,12 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
                        kv_transfer=spec.kv_transfer)
     engines: dict[str, SimModel] = {}
     states: dict[str, WorkerState] = {}
+    store = None
+    if spec.kvstore_blocks:
+        store = SimStore(spec.kvstore_blocks, offload=spec.kvstore_offload, link=spec.kvstore_link)
+        connect_store_index(store, KVSTORE_ID, model, index)
     for worker_id, role in spec.worker_roles():
-        engines[worker_id] = SimModel(config, Vocabulary(49_152))
+        engines[worker_id] = SimModel(config, Vocabulary(49_152), store=store)
         if share_hashes:
             assert engines[worker_id].hasher.seed == hasher.hasher.seed, "router and engines must hash alike"
             engines[worker_id].hasher = _PresetHasher(engines[worker_id].hasher)
@@ -369,7 +383,8 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
     duration = max((r.finish_s or 0.0) for r in results) - min(r.arrival_s for r in results) if results else 0.0
     return summarize(results, slo_ttft_s, duration, itl_gaps) | {
         "ttfts": sorted(r.ttft for r in results), "pd_decisions": dict(rules),
-        "engine_stats": _engine_stats(engines)}
+        "engine_stats": _engine_stats(engines),
+        **({"kvstore": dataclasses.asdict(store.stats) | {"blocks": len(store)}} if store is not None else {})}
 
 
 def _engine_stats(engines: dict[str, SimModel]) -> dict[str, dict[str, int]]:
@@ -381,7 +396,8 @@ def _engine_stats(engines: dict[str, SimModel]) -> dict[str, dict[str, int]]:
         s.update({"engines": 1, "prefill_computed_tokens": st.prefill_computed_tokens,
                   "remote_prefills": st.remote_prefills, "kv_pulled_bytes": st.kv_pulled_bytes,
                   "prefill_steps": st.prefill_steps, "decode_steps": st.decode_steps,
-                  "preemptions": st.preemptions})
+                  "preemptions": st.preemptions, "store_loads": st.store_loads,
+                  "store_loaded_tokens": st.store_loaded_tokens})
     return {k: dict(v) for k, v in out.items()}
 
 

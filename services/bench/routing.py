@@ -25,6 +25,13 @@ N - P; the P/D rule of scheduler/disagg.py, KV pulls modelled by
 also runs the aggregated cluster of the same total size on the same requests
 and reports both, with ITL p99 P/D / aggregated against issue 4's target (<= 1/2).
 
+KV store (sim): `--kvstore-blocks N` adds one shared simulated KV store of N blocks
+(services/engines/sim_store.py; `--kvstore-offload evict|compute`, link `--kvstore-gbps`,
+`--kvstore-latency-ms`) and runs every policy twice on the same requests, at the same engine
+memory (`--num-blocks`): without the store and with it; it reports both and, per policy, the
+hit rate and TTFT p50/p90 without vs with (issue 5's target: with the store, higher hit rate
+and lower p90 TTFT).
+
 Latency model: `--latency default` (SimLatency's defaults: roughly an 8B model
 on an H100) or `--latency calibrated` (the fit `llm-mesh bench calibrate`
 wrote from the real vLLM engine on this machine, `--calibration PATH`). The
@@ -102,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--decode-workers", type=int, default=None,
                    help="P/D (sim): decode workers (default --workers minus --prefill-workers)")
     add_kv_transfer_arguments(c)
+    k = parser.add_argument_group("KV store (sim): with vs without, same engine memory")
+    k.add_argument("--kvstore-blocks", type=int, default=0,
+                   help="blocks of a shared simulated KV store (0: none); > 0 runs without and with it")
+    k.add_argument("--kvstore-offload", choices=["evict", "compute"], default="evict",
+                   help="engines write evicted blocks (default) or every computed block to the store")
+    k.add_argument("--kvstore-gbps", type=float, default=80.0, help="each engine's link to the store, Gb/s")
+    k.add_argument("--kvstore-latency-ms", type=float, default=1.0, help="fixed cost of one store load")
     parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated")
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")
     parser.add_argument("--seed", type=int, default=0, help="workload and policy randomness")
@@ -143,6 +157,36 @@ def build_spec(args: argparse.Namespace, latency: SimLatency) -> ClusterSpec:
         raise SystemExit(f"a P/D cluster needs >= 0 prefill and >= 1 decode workers "
                          f"(got {args.prefill_workers} and {decode})")
     return ClusterSpec(workers=0, prefill_workers=args.prefill_workers, decode_workers=decode, **common)
+
+
+def with_store(spec: ClusterSpec, args: argparse.Namespace) -> ClusterSpec:
+    """`spec` plus the `--kvstore-*` store (engine memory unchanged)."""
+    from services.engines.sim_store import StoreLink
+
+    if args.kvstore_blocks < 0:
+        raise SystemExit(f"--kvstore-blocks must be >= 0, got {args.kvstore_blocks}")
+    link = StoreLink(bytes_per_token=spec.kv_transfer.bytes_per_token, bandwidth_gbps=args.kvstore_gbps,
+                     latency_s=args.kvstore_latency_ms / 1e3)
+    return dataclasses.replace(spec, kvstore_blocks=args.kvstore_blocks, kvstore_offload=args.kvstore_offload,
+                               kvstore_link=link)
+
+
+def store_verdict(without: dict[str, dict], with_: dict[str, dict]) -> dict:
+    """Issue 5's simulation target per policy: with the store, higher hit rate and lower p90 TTFT."""
+    rows, lines = {}, []
+    for name in with_:
+        a, b = without[name], with_[name]
+        met = b["hit_rate"] > a["hit_rate"] and b["ttft_p90_s"] < a["ttft_p90_s"]
+        rows[name] = {"hit_rate_without": a["hit_rate"], "hit_rate_with": b["hit_rate"],
+                      "ttft_p50_without_s": a["ttft_p50_s"], "ttft_p50_with_s": b["ttft_p50_s"],
+                      "ttft_p90_without_s": a["ttft_p90_s"], "ttft_p90_with_s": b["ttft_p90_s"], "met": met}
+        lines.append(f"{name}: hit rate {a['hit_rate']:.3f} -> {b['hit_rate']:.3f}, "
+                     f"TTFT p50 {a['ttft_p50_s']:.3f}s -> {b['ttft_p50_s']:.3f}s, "
+                     f"p90 {a['ttft_p90_s']:.3f}s -> {b['ttft_p90_s']:.3f}s (without -> with the store) "
+                     f"{'MET' if met else 'NOT met'}")
+    target = "with the store: higher hit rate and lower p90 TTFT than without, same engine memory"
+    met = rows[OURS]["met"] if OURS in rows else all(r["met"] for r in rows.values())
+    return {"target": target, "policies": rows, "met": met, "summary": "\n".join(lines)}
 
 
 def describe_cluster(spec: ClusterSpec) -> str:
@@ -366,6 +410,9 @@ def run(args: argparse.Namespace) -> int:
     if (spec.prefill_workers or spec.decode_workers) and args.mode != "sim":
         print("P/D topologies (--prefill-workers, --decode-workers) run in --mode sim only")
         return 2
+    if args.kvstore_blocks and (args.mode != "sim" or pd_cluster):
+        print("--kvstore-blocks runs in --mode sim, aggregated workers only")
+        return 2
     requests, workload = build_workload(args)
     if not requests:
         print("empty workload")
@@ -388,7 +435,16 @@ def run(args: argparse.Namespace) -> int:
                            options=LiveOptions(speedup=args.speedup, log_dir=args.log_dir))
     else:
         results = run_policies(requests, policies, spec, slo_ttft_s=args.slo_ttft, seed=args.seed)
-    baseline, pd_v = None, None
+    baseline, pd_v, store_v = None, None, None
+    if args.kvstore_blocks:  # the same requests and engines with the shared store
+        stored = with_store(spec, args)
+        link = stored.kvstore_link
+        print(f"with a KV store of {stored.kvstore_blocks} blocks ({stored.kvstore_offload} offload, "
+              f"{link.bandwidth_gbps:g} Gb/s + {link.latency_s * 1e3:g} ms per load, "
+              f"{link.tokens_per_s:,.0f} tokens/s):")
+        baseline, results = results, run_policies(requests, policies, stored, slo_ttft_s=args.slo_ttft,
+                                                  seed=args.seed)
+        store_v = store_verdict(baseline, results)
     if pd_cluster:  # the same requests on the aggregated cluster of the same size
         aggregated = dataclasses.replace(spec, workers=spec.total_workers, prefill_workers=0,
                                          decode_workers=0)
@@ -398,7 +454,11 @@ def run(args: argparse.Namespace) -> int:
     v = verdict(results, args.slo_ttft)
     bounds = floor(requests, latency, args.block_size)
     print()
-    if baseline is not None:
+    if baseline is not None and store_v is not None:
+        print("without the KV store:")
+        print(format_table(baseline))
+        print(f"\nwith the KV store ({args.kvstore_blocks} blocks), same engine memory:")
+    elif baseline is not None:
         print(f"aggregated ({spec.total_workers} workers):")
         print(format_table(baseline))
         print(f"\nP/D ({spec.prefill_workers} prefill + {spec.decode_workers} decode):")
@@ -412,6 +472,11 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(pd_v["summary"])
         print("issue 4 sim target (ITL p99) " + ("MET" if pd_v["met"] else "NOT met") + " on this run")
+    if store_v is not None:
+        print()
+        print(store_v["summary"])
+        print("issue 5 sim target (store: hit rate up, p90 TTFT down, ours) " + ("MET" if store_v["met"] else
+                                                                                "NOT met") + " on this run")
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -421,7 +486,9 @@ def run(args: argparse.Namespace) -> int:
         "cluster": {"workers": spec.workers, "prefill_workers": spec.prefill_workers,
                     "decode_workers": spec.decode_workers, "block_size": args.block_size,
                     "num_blocks": args.num_blocks, "max_num_seqs": args.max_num_seqs,
-                    "max_model_len": args.max_model_len, "kv_transfer": dataclasses.asdict(spec.kv_transfer)},
+                    "max_model_len": args.max_model_len, "kv_transfer": dataclasses.asdict(spec.kv_transfer),
+                    "kvstore_blocks": args.kvstore_blocks, "kvstore_offload": args.kvstore_offload,
+                    "kvstore_gbps": args.kvstore_gbps, "kvstore_latency_ms": args.kvstore_latency_ms},
         "latency": latency_desc,
         "slo_ttft_s": args.slo_ttft,
         "seed": args.seed,
@@ -430,9 +497,12 @@ def run(args: argparse.Namespace) -> int:
         "bounds": bounds,
     }
     if baseline is not None:
-        report["aggregated_baseline"] = {k: {kk: vv for kk, vv in s.items() if kk != "ttfts"}
-                                         for k, s in baseline.items()}
+        key = "without_kvstore" if store_v is not None else "aggregated_baseline"
+        report[key] = {k: {kk: vv for kk, vv in s.items() if kk != "ttfts"} for k, s in baseline.items()}
+    if pd_v is not None:
         report["pd_verdict"] = pd_v
+    if store_v is not None:
+        report["kvstore_verdict"] = store_v
     json_path = args.out / "routing.json"
     json_path.write_text(json.dumps(_finite(report), indent=2, default=str))
     print(f"\nwrote {json_path}")

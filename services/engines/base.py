@@ -174,6 +174,7 @@ class BlockStored:
     token_ids: tuple[int, ...]
     block_size: int
     medium: str | None = MEDIUM_ENGINE
+    model: str = ""  # set by holders of several models (a KV store); "" = the worker's model
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -182,6 +183,7 @@ class BlockRemoved:
 
     block_hashes: tuple[int, ...]
     medium: str | None = MEDIUM_ENGINE
+    model: str = ""  # as BlockStored.model
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -55,6 +55,18 @@ remote request that is preempted later recomputes locally, as in vLLM. (The
 prefill engine frees its copy when its one token is out; vLLM holds it until
 the pull is done, a few ms: not modelled.)
 
+KV store (`SimModel(..., store=SimStore)`, services/engines/sim_store.py, after vLLM's
+offloading connector against `llm-mesh kvstore`): blocks the pool evicts (or, with
+`offload="compute"`, every newly keyed block) are written to the shared store. At admission a
+local prefill takes its own cached leading blocks, then the run of blocks the store holds
+right after them (up to the same cap); it allocates the blocks for the whole prompt and loads
+the store's run over its link (`StoreLink`; loads of one engine share its link in FIFO order),
+holding its blocks and a slot meanwhile (counted as waiting, like vLLM's
+WAITING_FOR_REMOTE_KVS). When the load lands it joins the next prefill step with only the
+tokens after the loaded ones to compute; the loaded tokens count as cached
+(`cached_prompt_tokens`, as vLLM counts externally computed tokens). Without a store the engine
+behaves exactly as before.
+
 Tokens are real ids of the vocabulary, never a special one, and a pure
 function of (request key, position): the request key is the prompt alone for
 greedy requests (temperature 0), else (seed, prompt) when a seed is given,
@@ -75,6 +87,7 @@ from collections.abc import Callable, Iterable, Sequence
 from scheduler.block_hash import DEFAULT_SEED, BlockHasher, external_block_hash, sha256_cbor
 from services.engines.base import (AllBlocksCleared, BlockRemoved, BlockStored, EngineInfo, EngineLoad,
                                    EngineRequest, FinishReason, KVEvent)
+from services.engines.sim_store import SimStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +227,8 @@ class SimStats:
     preemptions: int = 0
     blocks_stored: int = 0
     blocks_evicted: int = 0
+    store_loads: int = 0  # admissions that loaded blocks from the KV store
+    store_loaded_tokens: int = 0
 
 
 class BlockPool:
@@ -226,10 +241,14 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, stats: SimStats, *, block_size: int = 16,
-                 on_kv_event: Callable[[KVEvent], None] | None = None) -> None:
+                 on_kv_event: Callable[[KVEvent], None] | None = None,
+                 on_evict: Callable[[list[bytes]], None] | None = None,
+                 on_keyed: Callable[[list[bytes]], None] | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.on_kv_event = on_kv_event
+        self.on_evict = on_evict  # hashes evicted by one allocate (offload to a KV store)
+        self.on_keyed = on_keyed  # hashes newly keyed by one cache_run
         self._ref = [0] * num_blocks
         self._hash: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}
@@ -265,13 +284,17 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"need {n} blocks, {len(self._free)} free")
-        blocks = []
+        blocks, evicted = [], []
         for _ in range(n):
             b, _ = self._free.popitem(last=False)
-            if self._hash[b] is not None:
+            h = self._hash[b]
+            if h is not None:
                 self._evict(b)
+                evicted.append(h)
             self._ref[b] = 1
             blocks.append(b)
+        if evicted and self.on_evict is not None:
+            self.on_evict(evicted)
         return blocks
 
     def free(self, blocks: Sequence[int]) -> None:
@@ -296,12 +319,14 @@ class BlockPool:
         cache_full_blocks.
         """
         run_start, prev = -1, parent
+        newly: list[bytes] = []
         for i, (block, block_hash) in enumerate(zip(blocks, hashes)):
             keyed = block_hash not in self._cached and self._hash[block] is None
             if keyed:
                 self._cached[block_hash] = block
                 self._hash[block] = block_hash
                 self._stats.blocks_stored += 1
+                newly.append(block_hash)
                 if run_start < 0:
                     run_start, run_parent = i, prev
             elif run_start >= 0:
@@ -310,6 +335,8 @@ class BlockPool:
             prev = block_hash
         if run_start >= 0:
             self._stored(hashes[run_start:len(blocks)], run_parent, token_ids, run_start)
+        if newly and self.on_keyed is not None:
+            self.on_keyed(newly)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash, as vLLM's reset_prefix_cache: only when no
@@ -346,6 +373,8 @@ class BlockPool:
 class _State(enum.Enum):
     WAITING = "waiting"
     RECEIVING = "receiving"  # remote KV being pulled; holds its blocks and a slot
+    LOADING = "loading"  # KV store blocks being loaded; holds its blocks and a slot
+    LOADED = "loaded"  # store blocks landed: waits for a prefill step of the rest
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -361,7 +390,8 @@ class _Seq:
     num_cached_blocks: int = 0  # leading blocks already keyed in the pool
     cached_prompt_tokens: int | None = None  # set at first admission
     remote_kv: bool = False  # its prompt's KV is pulled from a prefill engine, not computed
-    kv_ready_at: float = 0.0  # RECEIVING: when the pull lands
+    kv_ready_at: float = 0.0  # RECEIVING / LOADING: when the pull or load lands
+    uncached: int = 0  # LOADING / LOADED: prompt tokens left to compute after the load
 
     @property
     def prompt_len(self) -> int:
@@ -384,14 +414,23 @@ class SimModel:
     """The simulated engine (see the module docstring)."""
 
     def __init__(self, config: SimConfig = SimConfig(), vocab: Vocabulary = Vocabulary(49152),
-                 on_kv_event: Callable[[KVEvent], None] | None = None) -> None:
+                 on_kv_event: Callable[[KVEvent], None] | None = None, store: SimStore | None = None) -> None:
         if config.num_blocks < 1 or config.max_num_seqs < 1 or config.max_prefill_tokens < 1:
             raise ValueError("num_blocks, max_num_seqs and max_prefill_tokens must be positive")
         self.config = config
         self.vocab = vocab
         self.hasher = BlockHasher(config.block_size, config.hash_seed)
         self.stats = SimStats()
+        self.store = store
         self.pool = BlockPool(config.num_blocks, self.stats, block_size=config.block_size, on_kv_event=on_kv_event)
+        if store is not None:
+            if store.offload == "evict":
+                self.pool.on_evict = store.put
+            else:
+                self.pool.on_keyed = store.put
+        self._loading: list[_Seq] = []  # store loads in flight
+        self._loaded: list[_Seq] = []  # store loads landed, waiting for their prefill step
+        self._store_link_free_at = 0.0
         self._seqs: dict[str, _Seq] = {}
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []  # admission order: the tail is preempted first
@@ -411,7 +450,8 @@ class SimModel:
                           kv_blocks_total=c.num_blocks, max_num_seqs=c.max_num_seqs)
 
     def load(self) -> EngineLoad:
-        return EngineLoad(running=len(self._running), waiting=len(self._waiting) + len(self._receiving),
+        return EngineLoad(running=len(self._running), waiting=len(self._waiting) + len(self._receiving)
+                          + len(self._loading) + len(self._loaded),
                           kv_cache_usage=self.pool.usage(), generated_tokens=self.stats.generated_tokens)
 
     def add_request(self, request: EngineRequest, now: float, *, remote_kv: bool = False) -> None:
@@ -451,6 +491,10 @@ class SimModel:
             self._waiting.remove(seq)
         elif seq.state is _State.RECEIVING:
             self._receiving.remove(seq)
+        elif seq.state is _State.LOADING:
+            self._loading.remove(seq)
+        elif seq.state is _State.LOADED:
+            self._loaded.remove(seq)
         else:
             self._running.remove(seq)
         self._release(seq)
@@ -468,7 +512,7 @@ class SimModel:
         """When `advance` has something to do next; None when idle."""
         if self._step is not None:
             return self._step.end
-        if self._waiting or self._running or self._receiving:
+        if self._busy():
             return self._wake_at if self._wake_at is not None else self._clock
         return None
 
@@ -490,15 +534,15 @@ class SimModel:
 
         while True:
             if self._step is None:
-                if not (self._waiting or self._running or self._receiving) or not due(self._clock):
+                if not self._busy() or not due(self._clock):
                     break
                 # Work-conserving: a step starts as soon as the last one ends or work arrives.
                 step = self._form_step(self._clock)
                 if step is None:
                     # add_request rejects what could never be admitted into an idle engine, so
-                    # only pulls in flight can leave it idle: sleep until the first lands.
-                    assert self._receiving, "idle engine with a request it cannot admit"
-                    landing = min(s.kv_ready_at for s in self._receiving)
+                    # only pulls or loads in flight can leave it idle: sleep until the first lands.
+                    assert self._receiving or self._loading, "idle engine with a request it cannot admit"
+                    landing = min(s.kv_ready_at for s in self._receiving + self._loading)
                     if not due(landing):
                         self._wake_at = landing
                         break
@@ -512,8 +556,12 @@ class SimModel:
             self._complete(step)
         self._clock = max(self._clock, t)
 
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._running or self._receiving or self._loading or self._loaded)
+
     def _form_step(self, start: float) -> _Step | None:
         self._land_pulls(start)
+        self._land_loads(start)
         admitted, uncached = self._admit(start)
         if admitted:
             self.stats.prefill_steps += 1
@@ -531,27 +579,46 @@ class SimModel:
         c, bs = self.config, self.config.block_size
         admitted: list[_Seq] = []
         total_uncached = 0
-        while self._waiting and len(self._running) + len(self._receiving) < c.max_num_seqs:
+        while self._loaded:  # they hold their blocks and slot already: first in line
+            seq = self._loaded[0]
+            if admitted and total_uncached + seq.uncached > c.max_prefill_tokens:
+                return admitted, total_uncached
+            self._loaded.pop(0)
+            seq.state = _State.RUNNING
+            self._cache_full_blocks(seq)
+            self._running.append(seq)
+            admitted.append(seq)
+            total_uncached += seq.uncached
+        while self._waiting and self._seqs_holding_slots() < c.max_num_seqs:
             seq = self._waiting[0]
             n = len(seq.tokens)
             # A local prefill must compute its last token (its logits); a remote one has all its KV.
-            hit = self.pool.longest_hit(seq.block_hashes[:n // bs if seq.remote_kv else (n - 1) // bs])
+            cap = n // bs if seq.remote_kv else (n - 1) // bs
+            hit = self.pool.longest_hit(seq.block_hashes[:cap])
+            stored = 0  # blocks right after the engine's own run that the KV store holds
+            if self.store is not None and not seq.remote_kv and len(hit) < cap:
+                stored = self.store.longest_run(seq.block_hashes[len(hit):cap], touch=False)
             new_blocks = math.ceil(n / bs) - len(hit)
             # Hit blocks that sit in the free queue stop being allocatable once touched.
             if new_blocks > self.pool.num_free - self.pool.num_unreferenced(hit):
                 break
-            uncached = n - len(hit) * bs
+            uncached = n - (len(hit) + stored) * bs
             if not seq.remote_kv and admitted and total_uncached + uncached > c.max_prefill_tokens:
                 break
             self._waiting.popleft()
             self.pool.touch(hit)
+            if stored:  # touched before allocating: the allocation's evictions must not take them
+                self.store.longest_run(seq.block_hashes[len(hit):len(hit) + stored])  # type: ignore[union-attr]
             seq.blocks = hit + self.pool.allocate(new_blocks)
             seq.num_cached_blocks = len(hit)
             if seq.cached_prompt_tokens is None:
-                seq.cached_prompt_tokens = len(hit) * bs
+                seq.cached_prompt_tokens = (len(hit) + stored) * bs
                 self.stats.cached_prompt_tokens += seq.cached_prompt_tokens
             if seq.remote_kv:
                 self._start_pull(seq, uncached, now)
+                continue
+            if stored:
+                self._start_load(seq, stored * bs, uncached, now)
                 continue
             seq.state = _State.RUNNING
             self._cache_full_blocks(seq)
@@ -570,6 +637,30 @@ class SimModel:
         self.stats.remote_prefills += 1
         self.stats.kv_pulled_tokens += tokens
         self.stats.kv_pulled_bytes += tokens * transfer.bytes_per_token
+
+    def _seqs_holding_slots(self) -> int:
+        return len(self._running) + len(self._receiving) + len(self._loading) + len(self._loaded)
+
+    def _start_load(self, seq: _Seq, tokens: int, uncached: int, now: float) -> None:
+        link = self.store.link  # type: ignore[union-attr]
+        start = max(now, self._store_link_free_at)
+        self._store_link_free_at = start + link.wire_time(tokens)
+        seq.kv_ready_at = self._store_link_free_at + link.latency_s
+        seq.uncached = uncached
+        seq.state = _State.LOADING
+        self._loading.append(seq)
+        self.stats.store_loads += 1
+        self.stats.store_loaded_tokens += tokens
+
+    def _land_loads(self, now: float) -> None:
+        """Store loads done by `now` wait for the next prefill step, in landing order."""
+        if not self._loading:
+            return
+        landed = sorted((s for s in self._loading if s.kv_ready_at <= now), key=lambda s: s.kv_ready_at)
+        for seq in landed:
+            self._loading.remove(seq)
+            seq.state = _State.LOADED
+            self._loaded.append(seq)
 
     def _land_pulls(self, now: float) -> None:
         """Pulls done by `now`: their blocks are keyed and they join the running batch."""

@@ -116,3 +116,32 @@ def test_router_hashes_match_engine_and_sharing_them_changes_nothing() -> None:
     a = simulate(reqs, policy_by_name("ours", seed=0), spec, hasher=_Hasher(32, 512), share_hashes=True)
     b = simulate(reqs, policy_by_name("ours", seed=0), spec, hasher=_Hasher(32, 512), share_hashes=False)
     assert a == b and a["hit_rate"] > 0.5
+
+
+def test_kvstore_comparison_at_the_same_engine_memory(tmp_path: pathlib.Path, capsys) -> None:
+    # 12 tenants' 4k-token prefixes on 2 workers holding ~4 each: without a store the prefixes are
+    # evicted and recomputed; with one, every engine loads them back instead.
+    out = tmp_path / "kv"
+    assert _bench(["--workload", "shared-prefix", "--tenants", "12", "--prefix-tokens", "4096",
+                   "--suffix-tokens", "256", "--output-tokens", "8", "--requests", "120", "--rate", "4",
+                   "--workers", "2", "--num-blocks", "560", "--kvstore-blocks", "4096", "--policies",
+                   "ours,round-robin", "--no-plot", "--out", str(out)]) == 0
+    report = json.loads((out / "routing.json").read_text())
+    assert report["cluster"]["kvstore_blocks"] == 4096 and report["cluster"]["num_blocks"] == 560
+    without, with_ = report["without_kvstore"], report["policies"]
+    for name in ("ours", "round-robin"):
+        assert without[name]["completed"] == with_[name]["completed"] == 120
+        assert with_[name]["hit_rate"] > without[name]["hit_rate"] + 0.1, name
+        assert with_[name]["ttft_p90_s"] < without[name]["ttft_p90_s"], name
+        assert with_[name]["engine_stats"]["w"]["store_loads"] > 0
+        assert without[name]["engine_stats"]["w"]["store_loads"] == 0 and "kvstore" not in without[name]
+        assert with_[name]["kvstore"]["put_blocks"] > 0 and with_[name]["kvstore"]["hit_blocks"] > 0
+    v = report["kvstore_verdict"]
+    assert v["met"] is True and v["policies"]["ours"]["hit_rate_with"] == with_["ours"]["hit_rate"]
+    printed = capsys.readouterr().out
+    assert "without the KV store" in printed and "issue 5 sim target" in printed
+
+
+def test_kvstore_needs_the_simulated_aggregated_mode(tmp_path: pathlib.Path) -> None:
+    assert _bench(["--workload", "shared-prefix", "--requests", "5", "--prefill-workers", "1",
+                   "--kvstore-blocks", "64", "--no-plot", "--out", str(tmp_path)]) == 2

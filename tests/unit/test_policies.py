@@ -350,3 +350,71 @@ def test_session_affinity_can_be_added_to_ours():
     first = p.decide(request(4, first=1, session_id="s"), workers, BlockIndex())
     # another prompt of the same session, equal cost everywhere: affinity decides, not turn-taking
     assert p.decide(request(4, first=50, session_id="s"), workers, BlockIndex()).worker_id == first.worker_id
+
+
+# ---- with a KV store ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_without_a_store_nothing_is_credited_to_it_and_explain_shows_each_workers_blocks(name):
+    ix = BlockIndex()
+    req = request(8)
+    ix.stored("a", "m", req.block_hashes[:3])
+    d = policy_by_name(name, seed=1).decide(req, ws("a", "b"), ix, dry_run=True)
+    rows = {s.worker_id: s.prefix_by_tier for s in d.worker_scores()}
+    assert rows == {"a": (3, 0, 0, 0), "b": (0, 0, 0, 0)}
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_explain_shows_store_hits_per_worker(name):
+    ix = BlockIndex()
+    req = request(8)
+    ix.stored("a", "m", req.block_hashes[:3])
+    ix.stored("kvstore-0", "m", req.block_hashes[:6], Tier.STORE)
+    workers = ws("a", "b", "c")
+    workers[2].routable = False
+    d = policy_by_name(name, seed=1).decide(req, workers, ix, dry_run=True)
+    rows = {s.worker_id: s.prefix_by_tier for s in d.worker_scores()}
+    assert rows == {"a": (3, 0, 0, 3), "b": (0, 0, 0, 6), "c": ()}  # c is filtered: no line of blocks
+    assert "kvstore-0" in d.prefix and d.worker_id in ("a", "b")
+
+
+def test_ours_takes_a_store_hit_over_a_recompute_but_an_engine_hit_over_both():
+    ix = BlockIndex()
+    req = request(200, tokens=3200)
+    ix.stored("kvstore-0", "m", req.block_hashes[:190], Tier.STORE)
+    workers = ws("cold", "other")
+    p = policy_by_name("ours")
+    d = p.decide(req, workers, ix, dry_run=True)
+    # both can load the store's 190 blocks; equal: the decision's prediction counts them as held
+    assert d.prefill_tokens == 3200 - 190 * BS
+    ix.stored("other", "m", req.block_hashes[:190])
+    d = p.decide(req, workers, ix, dry_run=True)
+    assert d.worker_id == "other"
+    assert d.details["ttft.load_s"][1] == 0.0 and d.details["ttft.load_s"][0] > 0.0
+
+
+def test_mooncake_counts_the_store_as_its_pool_with_a_transfer():
+    ix = BlockIndex()
+    req = request(100, tokens=1600)
+    ix.stored("kvstore-0", "m", req.block_hashes[:80], Tier.STORE)
+    ix.stored("own", "m", req.block_hashes[:20])
+    workers = ws("own", "idle")
+    p = MooncakeConductor(transfer_tokens_per_s=16000, prefill_tokens_per_s=1000, step_overhead_s=0.0)
+    d = p.decide(req, workers, ix)
+    # own: 20 own blocks + 60 from the store (960 tokens, 0.06 s); idle: 80 from the store (0.08 s)
+    assert d.details["mooncake.transfer_s"] == pytest.approx([0.06, 0.08])
+    assert d.details["mooncake.prefill_s"] == pytest.approx([0.32, 0.32])
+    assert d.worker_id == "own" and d.prefill_tokens == 1600 - 80 * BS
+
+
+def test_sglang_routes_as_if_there_were_no_store():
+    req = request(8)
+    with_store, without = BlockIndex(), BlockIndex()
+    for ix in (with_store, without):
+        ix.stored("b", "m", req.block_hashes[:1])
+    with_store.stored("kvstore-0", "m", req.block_hashes, Tier.STORE)
+    for source in ("approx", "index"):
+        a = SGLangCacheAware(source=source).decide(req, ws("a", "b"), with_store)
+        b = SGLangCacheAware(source=source).decide(req, ws("a", "b"), without)
+        assert (a.worker_id, a.totals, a.prefill_tokens) == (b.worker_id, b.totals, b.prefill_tokens)

@@ -333,3 +333,42 @@ def test_kv_cost_is_dynamos_formula():
 def test_bad_params_are_refused(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_store_hits_score_below_engine_hits_and_cost_their_load():
+    ix = BlockIndex()
+    req = request(8)
+    ix.stored("engine", "m", req.block_hashes[:6])
+    ix.stored("kvstore-0", "m", req.block_hashes[:6], Tier.STORE)
+    workers = ws("engine", "cold")
+    c = ctx(req, workers, ix)
+    assert [m.by_tier for m in c.matches()] == [[6, 0, 0, 0], [0, 0, 0, 6]]
+    # prefix-cache: engine blocks credit 1, store blocks 0.5 (the store's default tier weight)
+    assert PrefixCacheScorer().score(c, workers) == approx([6 / 8, 3 / 8])
+    scorer = TTFTScorer(prefill_tokens_per_s=1000, step_overhead_s=0.0, load_tokens_per_s={"store": 960})
+    scorer.score(c, workers)
+    # both compute the 2 blocks left (32 tokens, 0.032 s); the cold worker loads 96 tokens first (0.1 s)
+    assert c.details["ttft.load_s"] == approx([0.0, 0.1])
+    assert c.details["ttft.predicted_s"] == approx([0.032, 0.132])
+    dynamo = KVCostScorer()  # Dynamo's profile credits the store at 0.25, the class default at 0.5
+    dynamo.score(c, workers)
+    assert c.details["kv-cost.cost"] == approx([(128 - 96) / 16 + 8, (128 - 48) / 16 + 8])
+
+
+def test_store_continues_a_workers_own_and_speculative_run_only_beyond_it():
+    ix = BlockIndex()
+    req = request(10, now=0.0)
+    ix.stored("kvstore-0", "m", req.block_hashes[:8], Tier.STORE)
+    ix.stored("a", "m", req.block_hashes[:2])
+    ix.stored("h", "m", req.block_hashes[:9], Tier.HOST)  # longer than the store: the store adds nothing
+    overlay = SpeculativePrefixes(stride=1)
+    overlay.record(request(5, now=0.0), "b")  # b has 5 blocks in flight (ENGINE)
+    workers = ws("a", "b", "h", "c")
+    matches = ctx(req, workers, ix, overlay=overlay).matches()
+    assert [(m.blocks, m.by_tier) for m in matches] == [
+        (8, [2, 0, 0, 6]), (8, [5, 0, 0, 3]), (9, [0, 9, 0, 0]), (8, [0, 0, 0, 8])]
+    # A filtered-out worker's own blocks are not a store: only pure STORE-tier holders count.
+    only = ws("c")
+    ix2 = BlockIndex()
+    ix2.stored("a", "m", req.block_hashes[:4])
+    assert ctx(req, only, ix2).matches()[0].blocks == 0

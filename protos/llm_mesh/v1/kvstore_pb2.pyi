@@ -44,14 +44,18 @@ class BlockSlot(_message.Message):
     def __init__(self, block_hash: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class ReserveWriteRequest(_message.Message):
-    __slots__ = ("chain", "block_bytes", "lease_s")
+    __slots__ = ("chain", "block_bytes", "lease_s", "start_position", "parent_block_hash")
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     chain: BlockChain
     block_bytes: int
     lease_s: float
-    def __init__(self, chain: _Optional[_Union[BlockChain, _Mapping]] = ..., block_bytes: _Optional[int] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    start_position: int
+    parent_block_hash: int
+    def __init__(self, chain: _Optional[_Union[BlockChain, _Mapping]] = ..., block_bytes: _Optional[int] = ..., lease_s: _Optional[float] = ..., start_position: _Optional[int] = ..., parent_block_hash: _Optional[int] = ...) -> None: ...
 
 class ReserveWriteResponse(_message.Message):
     __slots__ = ("write_id", "slots", "lease_s")
@@ -118,18 +122,22 @@ class UnpinResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PutBlocksRequest(_message.Message):
-    __slots__ = ("model", "layout", "block_hash", "data", "checksum")
+    __slots__ = ("model", "layout", "block_hash", "data", "checksum", "start_position", "parent_block_hash")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     model: str
     layout: str
     block_hash: int
     data: bytes
     checksum: int
-    def __init__(self, model: _Optional[str] = ..., layout: _Optional[str] = ..., block_hash: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+    start_position: int
+    parent_block_hash: int
+    def __init__(self, model: _Optional[str] = ..., layout: _Optional[str] = ..., block_hash: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., start_position: _Optional[int] = ..., parent_block_hash: _Optional[int] = ...) -> None: ...
 
 class PutBlocksResponse(_message.Message):
     __slots__ = ("stored", "rejected_block_hashes")

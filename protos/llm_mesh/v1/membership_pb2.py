@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llm_mesh.v1 import kvstore_pb2 as llm__mesh_dot_v1_dot_kvstore__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllm_mesh/v1/membership.proto\x12\x0bllm_mesh.v1\x1a\x19llm_mesh/v1/kvstore.proto\"\xc5\x01\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.llm_mesh.v1.MemberKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\'\n\x06worker\x18\n \x01(\x0b\x32\x17.llm_mesh.v1.WorkerInfo\x12)\n\x07kvstore\x18\x0b \x01(\x0b\x32\x18.llm_mesh.v1.KVStoreInfo\"\xf5\x01\n\nWorkerInfo\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.llm_mesh.v1.WorkerRole\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x19\n\x11nixl_metadata_key\x18\x08 \x01(\t\x12,\n\x0bkv_endpoint\x18\t \x01(\x0b\x32\x17.llm_mesh.v1.KVEndpoint\"L\n\nKVEndpoint\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\"\xaa\x01\n\x11NixlAgentMetadata\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onnector_version\x18\x02 \x01(\r\x12\x1a\n\x12\x63ompatibility_hash\x18\x03 \x01(\t\x12\x19\n\x11handshake_payload\x18\x04 \x01(\x0c\x12\x1c\n\x14\x61gent_metadata_bytes\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r*\x8e\x01\n\nMemberKind\x12\x1b\n\x17MEMBER_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMBER_KIND_WORKER\x10\x01\x12\x19\n\x15MEMBER_KIND_SCHEDULER\x10\x02\x12\x17\n\x13MEMBER_KIND_GATEWAY\x10\x03\x12\x17\n\x13MEMBER_KIND_KVSTORE\x10\x04*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03\x42M\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllm_mesh/v1/membership.proto\x12\x0bllm_mesh.v1\x1a\x19llm_mesh/v1/kvstore.proto\"\xc5\x01\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.llm_mesh.v1.MemberKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\'\n\x06worker\x18\n \x01(\x0b\x32\x17.llm_mesh.v1.WorkerInfo\x12)\n\x07kvstore\x18\x0b \x01(\x0b\x32\x18.llm_mesh.v1.KVStoreInfo\"\xf5\x01\n\nWorkerInfo\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.llm_mesh.v1.WorkerRole\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x07 \x01(\r\x12\x19\n\x11nixl_metadata_key\x18\x08 \x01(\t\x12,\n\x0bkv_endpoint\x18\t \x01(\x0b\x32\x17.llm_mesh.v1.KVEndpoint\"L\n\nKVEndpoint\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\"\xf0\x01\n\x11NixlAgentMetadata\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onnector_version\x18\x02 \x01(\r\x12\x1a\n\x12\x63ompatibility_hash\x18\x03 \x01(\t\x12\x19\n\x11handshake_payload\x18\x04 \x01(\x0c\x12\x1c\n\x14\x61gent_metadata_bytes\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x16\n\x0e\x61gent_metadata\x18\x07 \x01(\x0c\x12\x16\n\x0eregion_address\x18\x08 \x01(\x04\x12\x14\n\x0cregion_bytes\x18\t \x01(\x04*\x8e\x01\n\nMemberKind\x12\x1b\n\x17MEMBER_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12MEMBER_KIND_WORKER\x10\x01\x12\x19\n\x15MEMBER_KIND_SCHEDULER\x10\x02\x12\x17\n\x13MEMBER_KIND_GATEWAY\x10\x03\x12\x17\n\x13MEMBER_KIND_KVSTORE\x10\x04*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03\x42M\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llm_mesh.v1.membership_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.llmmesh.v1P\001Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1'
-  _globals['_MEMBERKIND']._serialized_start=772
-  _globals['_MEMBERKIND']._serialized_end=914
-  _globals['_WORKERROLE']._serialized_start=916
-  _globals['_WORKERROLE']._serialized_end=1028
+  _globals['_MEMBERKIND']._serialized_start=842
+  _globals['_MEMBERKIND']._serialized_end=984
+  _globals['_WORKERROLE']._serialized_start=986
+  _globals['_WORKERROLE']._serialized_end=1098
   _globals['_MEMBER']._serialized_start=73
   _globals['_MEMBER']._serialized_end=270
   _globals['_WORKERINFO']._serialized_start=273
@@ -44,5 +44,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVENDPOINT']._serialized_start=520
   _globals['_KVENDPOINT']._serialized_end=596
   _globals['_NIXLAGENTMETADATA']._serialized_start=599
-  _globals['_NIXLAGENTMETADATA']._serialized_end=769
+  _globals['_NIXLAGENTMETADATA']._serialized_end=839
 # @@protoc_insertion_point(module_scope)

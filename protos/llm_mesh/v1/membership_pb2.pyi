@@ -84,17 +84,23 @@ class KVEndpoint(_message.Message):
     def __init__(self, engine_id: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class NixlAgentMetadata(_message.Message):
-    __slots__ = ("engine_id", "connector_version", "compatibility_hash", "handshake_payload", "agent_metadata_bytes", "num_blocks")
+    __slots__ = ("engine_id", "connector_version", "compatibility_hash", "handshake_payload", "agent_metadata_bytes", "num_blocks", "agent_metadata", "region_address", "region_bytes")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPATIBILITY_HASH_FIELD_NUMBER: _ClassVar[int]
     HANDSHAKE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     AGENT_METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    REGION_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REGION_BYTES_FIELD_NUMBER: _ClassVar[int]
     engine_id: str
     connector_version: int
     compatibility_hash: str
     handshake_payload: bytes
     agent_metadata_bytes: int
     num_blocks: int
-    def __init__(self, engine_id: _Optional[str] = ..., connector_version: _Optional[int] = ..., compatibility_hash: _Optional[str] = ..., handshake_payload: _Optional[bytes] = ..., agent_metadata_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    agent_metadata: bytes
+    region_address: int
+    region_bytes: int
+    def __init__(self, engine_id: _Optional[str] = ..., connector_version: _Optional[int] = ..., compatibility_hash: _Optional[str] = ..., handshake_payload: _Optional[bytes] = ..., agent_metadata_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., agent_metadata: _Optional[bytes] = ..., region_address: _Optional[int] = ..., region_bytes: _Optional[int] = ...) -> None: ...

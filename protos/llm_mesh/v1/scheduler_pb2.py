@@ -27,7 +27,7 @@ from llm_mesh.v1 import membership_pb2 as llm__mesh_dot_v1_dot_membership__pb2
 from llm_mesh.v1 import worker_pb2 as llm__mesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllm_mesh/v1/scheduler.proto\x12\x0bllm_mesh.v1\x1a\x1bllm_mesh/v1/inference.proto\x1a\x1cllm_mesh/v1/membership.proto\x1a\x18llm_mesh/v1/worker.proto\"\x14\n\x12ListWorkersRequest\"\x95\x01\n\x0cWorkerStatus\x12#\n\x06member\x18\x01 \x01(\x0b\x32\x13.llm_mesh.v1.Member\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.llm_mesh.v1.WorkerState\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.llm_mesh.v1.WorkerLoad\"A\n\x13ListWorkersResponse\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.llm_mesh.v1.WorkerStatus\"?\n\x0e\x45xplainRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.llm_mesh.v1.GenerateRequest\"\xb9\x01\n\x0bWorkerScore\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12<\n\ncomponents\x18\x03 \x03(\x0b\x32(.llm_mesh.v1.WorkerScore.ComponentsEntry\x12\x17\n\x0f\x66iltered_reason\x18\x04 \x01(\t\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xeb\x01\n\x0f\x45xplainResponse\x12\x18\n\x10\x63hosen_worker_id\x18\x01 \x01(\t\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.llm_mesh.v1.WorkerScore\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12;\n\x0e\x64isaggregation\x18\x05 \x01(\x0b\x32#.llm_mesh.v1.DisaggregationDecision\x12\x30\n\x0eprefill_scores\x18\x06 \x03(\x0b\x32\x18.llm_mesh.v1.WorkerScore\"z\n\x16\x44isaggregationDecision\x12\x0e\n\x06remote\x18\x01 \x01(\x08\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0funcached_tokens\x18\x05 \x01(\r\"\x17\n\x15GetScalingPlanRequest\"\xd3\x01\n\x0bScalingPlan\x12\x1b\n\x13\x63omputed_at_unix_ms\x18\x01 \x01(\x03\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x15\n\rdisaggregated\x18\x03 \x01(\x08\x12\'\n\x05roles\x18\x04 \x03(\x0b\x32\x18.llm_mesh.v1.RoleScaling\x12\x16\n\x0ettft_p90_slo_s\x18\x05 \x01(\x01\x12\x15\n\ritl_p90_slo_s\x18\x06 \x01(\x01\x12&\n\x04load\x18\x07 \x01(\x0b\x32\x18.llm_mesh.v1.PlannerLoad\"\xa7\x01\n\x0bRoleScaling\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x19\n\x11observed_replicas\x18\x02 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x03 \x01(\r\x12\x19\n\x11required_replicas\x18\x04 \x01(\x01\x12\x14\n\x0cmin_replicas\x18\x05 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\xbd\x02\n\x0bPlannerLoad\x12\x14\n\x0c\x61rrival_rate\x18\x01 \x01(\x01\x12\x1a\n\x12prompt_tokens_mean\x18\x02 \x01(\x01\x12#\n\x1buncached_prompt_tokens_mean\x18\x03 \x01(\x01\x12\x1a\n\x12output_tokens_mean\x18\x04 \x01(\x01\x12\x12\n\nttft_p90_s\x18\x05 \x01(\x01\x12\x11\n\titl_p90_s\x18\x06 \x01(\x01\x12\x15\n\rprefill_queue\x18\x07 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_running\x18\x08 \x01(\r\x12\x16\n\x0ekv_utilization\x18\t \x01(\x01\x12&\n\x1epredicted_prefill_tokens_per_s\x18\n \x01(\x01\x12%\n\x1dpredicted_decode_tokens_per_s\x18\x0b \x01(\x01\"\x11\n\x0fGetStatsRequest\"\xdf\x04\n\x0eSchedulerStats\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12O\n\x13requests_by_outcome\x18\x04 \x03(\x0b\x32\x32.llm_mesh.v1.SchedulerStats.RequestsByOutcomeEntry\x12P\n\x14pd_decisions_by_rule\x18\x05 \x03(\x0b\x32\x32.llm_mesh.v1.SchedulerStats.PdDecisionsByRuleEntry\x12\x1e\n\x16routing_decision_p50_s\x18\x06 \x01(\x01\x12\x1e\n\x16routing_decision_p99_s\x18\x07 \x01(\x01\x12#\n\x1brouting_decisions_in_window\x18\x08 \x01(\r\x12\x18\n\x10routing_window_s\x18\t \x01(\x01\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x0b \x01(\x04\x12\x18\n\x10prefix_hit_ratio\x18\x0c \x01(\x01\x12\x30\n\rrecent_errors\x18\r \x03(\x0b\x32\x19.llm_mesh.v1.RequestError\x1a\x38\n\x16RequestsByOutcomeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x38\n\x16PdDecisionsByRuleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"y\n\x0cRequestError\x12\x14\n\x0ctime_unix_ms\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t*a\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATE_READY\x10\x01\x12\x1c\n\x18WORKER_STATE_UNAVAILABLE\x10\x02\x32\xba\x02\n\tScheduler\x12P\n\x0bListWorkers\x12\x1f.llm_mesh.v1.ListWorkersRequest\x1a .llm_mesh.v1.ListWorkersResponse\x12\x44\n\x07\x45xplain\x12\x1b.llm_mesh.v1.ExplainRequest\x1a\x1c.llm_mesh.v1.ExplainResponse\x12N\n\x0eGetScalingPlan\x12\".llm_mesh.v1.GetScalingPlanRequest\x1a\x18.llm_mesh.v1.ScalingPlan\x12\x45\n\x08GetStats\x12\x1c.llm_mesh.v1.GetStatsRequest\x1a\x1b.llm_mesh.v1.SchedulerStatsBM\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bllm_mesh/v1/scheduler.proto\x12\x0bllm_mesh.v1\x1a\x1bllm_mesh/v1/inference.proto\x1a\x1cllm_mesh/v1/membership.proto\x1a\x18llm_mesh/v1/worker.proto\"\x14\n\x12ListWorkersRequest\"\x95\x01\n\x0cWorkerStatus\x12#\n\x06member\x18\x01 \x01(\x0b\x32\x13.llm_mesh.v1.Member\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.llm_mesh.v1.WorkerState\x12\x10\n\x08inflight\x18\x03 \x01(\r\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.llm_mesh.v1.WorkerLoad\"A\n\x13ListWorkersResponse\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.llm_mesh.v1.WorkerStatus\"?\n\x0e\x45xplainRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.llm_mesh.v1.GenerateRequest\"\xeb\x01\n\x0bWorkerScore\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12<\n\ncomponents\x18\x03 \x03(\x0b\x32(.llm_mesh.v1.WorkerScore.ComponentsEntry\x12\x17\n\x0f\x66iltered_reason\x18\x04 \x01(\t\x12\x30\n\rprefix_blocks\x18\x05 \x01(\x0b\x32\x19.llm_mesh.v1.PrefixBlocks\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"I\n\x0cPrefixBlocks\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\r\x12\x0c\n\x04host\x18\x02 \x01(\r\x12\x0c\n\x04\x64isk\x18\x03 \x01(\r\x12\r\n\x05store\x18\x04 \x01(\r\"\xeb\x01\n\x0f\x45xplainResponse\x12\x18\n\x10\x63hosen_worker_id\x18\x01 \x01(\t\x12(\n\x06scores\x18\x02 \x03(\x0b\x32\x18.llm_mesh.v1.WorkerScore\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12;\n\x0e\x64isaggregation\x18\x05 \x01(\x0b\x32#.llm_mesh.v1.DisaggregationDecision\x12\x30\n\x0eprefill_scores\x18\x06 \x03(\x0b\x32\x18.llm_mesh.v1.WorkerScore\"z\n\x16\x44isaggregationDecision\x12\x0e\n\x06remote\x18\x01 \x01(\x08\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0funcached_tokens\x18\x05 \x01(\r\"\x17\n\x15GetScalingPlanRequest\"\xd3\x01\n\x0bScalingPlan\x12\x1b\n\x13\x63omputed_at_unix_ms\x18\x01 \x01(\x03\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x15\n\rdisaggregated\x18\x03 \x01(\x08\x12\'\n\x05roles\x18\x04 \x03(\x0b\x32\x18.llm_mesh.v1.RoleScaling\x12\x16\n\x0ettft_p90_slo_s\x18\x05 \x01(\x01\x12\x15\n\ritl_p90_slo_s\x18\x06 \x01(\x01\x12&\n\x04load\x18\x07 \x01(\x0b\x32\x18.llm_mesh.v1.PlannerLoad\"\xa7\x01\n\x0bRoleScaling\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x19\n\x11observed_replicas\x18\x02 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x03 \x01(\r\x12\x19\n\x11required_replicas\x18\x04 \x01(\x01\x12\x14\n\x0cmin_replicas\x18\x05 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x06 \x01(\r\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\xbd\x02\n\x0bPlannerLoad\x12\x14\n\x0c\x61rrival_rate\x18\x01 \x01(\x01\x12\x1a\n\x12prompt_tokens_mean\x18\x02 \x01(\x01\x12#\n\x1buncached_prompt_tokens_mean\x18\x03 \x01(\x01\x12\x1a\n\x12output_tokens_mean\x18\x04 \x01(\x01\x12\x12\n\nttft_p90_s\x18\x05 \x01(\x01\x12\x11\n\titl_p90_s\x18\x06 \x01(\x01\x12\x15\n\rprefill_queue\x18\x07 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_running\x18\x08 \x01(\r\x12\x16\n\x0ekv_utilization\x18\t \x01(\x01\x12&\n\x1epredicted_prefill_tokens_per_s\x18\n \x01(\x01\x12%\n\x1dpredicted_decode_tokens_per_s\x18\x0b \x01(\x01\"\x11\n\x0fGetStatsRequest\"\xdf\x04\n\x0eSchedulerStats\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12O\n\x13requests_by_outcome\x18\x04 \x03(\x0b\x32\x32.llm_mesh.v1.SchedulerStats.RequestsByOutcomeEntry\x12P\n\x14pd_decisions_by_rule\x18\x05 \x03(\x0b\x32\x32.llm_mesh.v1.SchedulerStats.PdDecisionsByRuleEntry\x12\x1e\n\x16routing_decision_p50_s\x18\x06 \x01(\x01\x12\x1e\n\x16routing_decision_p99_s\x18\x07 \x01(\x01\x12#\n\x1brouting_decisions_in_window\x18\x08 \x01(\r\x12\x18\n\x10routing_window_s\x18\t \x01(\x01\x12\x15\n\rprompt_tokens\x18\n \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x0b \x01(\x04\x12\x18\n\x10prefix_hit_ratio\x18\x0c \x01(\x01\x12\x30\n\rrecent_errors\x18\r \x03(\x0b\x32\x19.llm_mesh.v1.RequestError\x1a\x38\n\x16RequestsByOutcomeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x38\n\x16PdDecisionsByRuleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"y\n\x0cRequestError\x12\x14\n\x0ctime_unix_ms\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t*a\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_STATE_READY\x10\x01\x12\x1c\n\x18WORKER_STATE_UNAVAILABLE\x10\x02\x32\xba\x02\n\tScheduler\x12P\n\x0bListWorkers\x12\x1f.llm_mesh.v1.ListWorkersRequest\x1a .llm_mesh.v1.ListWorkersResponse\x12\x44\n\x07\x45xplain\x12\x1b.llm_mesh.v1.ExplainRequest\x1a\x1c.llm_mesh.v1.ExplainResponse\x12N\n\x0eGetScalingPlan\x12\".llm_mesh.v1.GetScalingPlanRequest\x1a\x18.llm_mesh.v1.ScalingPlan\x12\x45\n\x08GetStats\x12\x1c.llm_mesh.v1.GetStatsRequest\x1a\x1b.llm_mesh.v1.SchedulerStatsBM\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,8 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEDULERSTATS_REQUESTSBYOUTCOMEENTRY']._serialized_options = b'8\001'
   _globals['_SCHEDULERSTATS_PDDECISIONSBYRULEENTRY']._loaded_options = None
   _globals['_SCHEDULERSTATS_PDDECISIONSBYRULEENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERSTATE']._serialized_start=2466
-  _globals['_WORKERSTATE']._serialized_end=2563
+  _globals['_WORKERSTATE']._serialized_start=2591
+  _globals['_WORKERSTATE']._serialized_end=2688
   _globals['_LISTWORKERSREQUEST']._serialized_start=129
   _globals['_LISTWORKERSREQUEST']._serialized_end=149
   _globals['_WORKERSTATUS']._serialized_start=152
@@ -52,31 +52,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPLAINREQUEST']._serialized_start=370
   _globals['_EXPLAINREQUEST']._serialized_end=433
   _globals['_WORKERSCORE']._serialized_start=436
-  _globals['_WORKERSCORE']._serialized_end=621
-  _globals['_WORKERSCORE_COMPONENTSENTRY']._serialized_start=572
-  _globals['_WORKERSCORE_COMPONENTSENTRY']._serialized_end=621
-  _globals['_EXPLAINRESPONSE']._serialized_start=624
-  _globals['_EXPLAINRESPONSE']._serialized_end=859
-  _globals['_DISAGGREGATIONDECISION']._serialized_start=861
-  _globals['_DISAGGREGATIONDECISION']._serialized_end=983
-  _globals['_GETSCALINGPLANREQUEST']._serialized_start=985
-  _globals['_GETSCALINGPLANREQUEST']._serialized_end=1008
-  _globals['_SCALINGPLAN']._serialized_start=1011
-  _globals['_SCALINGPLAN']._serialized_end=1222
-  _globals['_ROLESCALING']._serialized_start=1225
-  _globals['_ROLESCALING']._serialized_end=1392
-  _globals['_PLANNERLOAD']._serialized_start=1395
-  _globals['_PLANNERLOAD']._serialized_end=1712
-  _globals['_GETSTATSREQUEST']._serialized_start=1714
-  _globals['_GETSTATSREQUEST']._serialized_end=1731
-  _globals['_SCHEDULERSTATS']._serialized_start=1734
-  _globals['_SCHEDULERSTATS']._serialized_end=2341
-  _globals['_SCHEDULERSTATS_REQUESTSBYOUTCOMEENTRY']._serialized_start=2227
-  _globals['_SCHEDULERSTATS_REQUESTSBYOUTCOMEENTRY']._serialized_end=2283
-  _globals['_SCHEDULERSTATS_PDDECISIONSBYRULEENTRY']._serialized_start=2285
-  _globals['_SCHEDULERSTATS_PDDECISIONSBYRULEENTRY']._serialized_end=2341
-  _globals['_REQUESTERROR']._serialized_start=2343
-  _globals['_REQUESTERROR']._serialized_end=2464
-  _globals['_SCHEDULER']._serialized_start=2566
-  _globals['_SCHEDULER']._serialized_end=2880
+  _globals['_WORKERSCORE']._serialized_end=671
+  _globals['_WORKERSCORE_COMPONENTSENTRY']._serialized_start=622
+  _globals['_WORKERSCORE_COMPONENTSENTRY']._serialized_end=671
+  _globals['_PREFIXBLOCKS']._serialized_start=673
+  _globals['_PREFIXBLOCKS']._serialized_end=746
+  _globals['_EXPLAINRESPONSE']._serialized_start=749
+  _globals['_EXPLAINRESPONSE']._serialized_end=984
+  _globals['_DISAGGREGATIONDECISION']._serialized_start=986
+  _globals['_DISAGGREGATIONDECISION']._serialized_end=1108
+  _globals['_GETSCALINGPLANREQUEST']._serialized_start=1110
+  _globals['_GETSCALINGPLANREQUEST']._serialized_end=1133
+  _globals['_SCALINGPLAN']._serialized_start=1136
+  _globals['_SCALINGPLAN']._serialized_end=1347
+  _globals['_ROLESCALING']._serialized_start=1350
+  _globals['_ROLESCALING']._serialized_end=1517
+  _globals['_PLANNERLOAD']._serialized_start=1520
+  _globals['_PLANNERLOAD']._serialized_end=1837
+  _globals['_GETSTATSREQUEST']._serialized_start=1839
+  _globals['_GETSTATSREQUEST']._serialized_end=1856
+  _globals['_SCHEDULERSTATS']._serialized_start=1859
+  _globals['_SCHEDULERSTATS']._serialized_end=2466
+  _globals['_SCHEDULERSTATS_REQUESTSBYOUTCOMEENTRY']._serialized_start=2352
+  _globals['_SCHEDULERSTATS_REQUESTSBYOUTCOMEENTRY']._serialized_end=2408
+  _globals['_SCHEDULERSTATS_PDDECISIONSBYRULEENTRY']._serialized_start=2410
+  _globals['_SCHEDULERSTATS_PDDECISIONSBYRULEENTRY']._serialized_end=2466
+  _globals['_REQUESTERROR']._serialized_start=2468
+  _globals['_REQUESTERROR']._serialized_end=2589
+  _globals['_SCHEDULER']._serialized_start=2691
+  _globals['_SCHEDULER']._serialized_end=3005
 # @@protoc_insertion_point(module_scope)

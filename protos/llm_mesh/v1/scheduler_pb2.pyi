@@ -48,7 +48,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[_inference_pb2.GenerateRequest, _Mapping]] = ...) -> None: ...
 
 class WorkerScore(_message.Message):
-    __slots__ = ("worker_id", "score", "components", "filtered_reason")
+    __slots__ = ("worker_id", "score", "components", "filtered_reason", "prefix_blocks")
     class ComponentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,11 +60,25 @@ class WorkerScore(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     FILTERED_REASON_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     score: float
     components: _containers.ScalarMap[str, float]
     filtered_reason: str
-    def __init__(self, worker_id: _Optional[str] = ..., score: _Optional[float] = ..., components: _Optional[_Mapping[str, float]] = ..., filtered_reason: _Optional[str] = ...) -> None: ...
+    prefix_blocks: PrefixBlocks
+    def __init__(self, worker_id: _Optional[str] = ..., score: _Optional[float] = ..., components: _Optional[_Mapping[str, float]] = ..., filtered_reason: _Optional[str] = ..., prefix_blocks: _Optional[_Union[PrefixBlocks, _Mapping]] = ...) -> None: ...
+
+class PrefixBlocks(_message.Message):
+    __slots__ = ("engine", "host", "disk", "store")
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    engine: int
+    host: int
+    disk: int
+    store: int
+    def __init__(self, engine: _Optional[int] = ..., host: _Optional[int] = ..., disk: _Optional[int] = ..., store: _Optional[int] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("chosen_worker_id", "scores", "prompt_tokens", "policy", "disaggregation", "prefill_scores")
