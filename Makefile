@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	@# lists nixl-cu12 AND nixl-cu13 as hard deps: install it alone (nixl-cu12,
 	@# the real library, comes from pyproject.toml; see the comment there).
 	$(PY) -m pip install --no-deps nixl==1.5.1
+	@# LMCache for `--kv-offload lmcache` (the `lmcache server` and vLLM's LMCacheMPConnector):
+	@# --no-deps, as its declared pins would downgrade protobuf/numpy/opentelemetry and pull
+	@# CUDA torch + cupy (GBs); what it runs here needs none of them (pyproject.toml says why).
+	$(PY) -m pip install --no-deps lmcache==0.5.6
 	@# Beside the CPU torch these break `import transformers` (DESIGN.md).
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)

@@ -18,6 +18,7 @@ COMMANDS = [
     ("worker", "services.worker", "run one inference worker (vllm or sim engine)"),
     ("scheduler", "services.scheduler_service", "run a scheduler replica (public Inference + admin gRPC)"),
     ("gateway", "services.gateway", "run the OpenAI-compatible REST gateway"),
+    ("kvstore", "services.kvstore_service", "run a KV store: tiered KV blocks (RAM, disk) over NIXL and gRPC"),
     ("top", "services.top", "live view of workers, requests, P/D decisions, scaling plan and errors"),
     ("chaos", "services.chaos", "faults into a local mesh under load (workers, schedulers, etcd): what is lost?"),
 ]
@@ -29,6 +30,7 @@ BENCHMARKS = [
     ("scheduler", "services.bench.scheduler", "one scheduler replica: decision latency, tokenize+hash, KV ingest, requests/s"),
     ("nixl", "services.bench.nixl", "NIXL READ/WRITE between two processes vs memcpy vs gRPC, GB/s"),
     ("pd", "services.bench.pd", "prefill/decode on two vLLM engines vs one aggregated: TTFT, ITL, E2E, KV transfer"),
+    ("kvstore", "services.bench.kvstore", "evicted-prompt TTFT: recompute vs the KV store vs LMCache; store GB/s"),
 ]
 
 

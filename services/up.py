@@ -16,6 +16,19 @@ Topology: flags for the common cases, or `--config topology.yaml`:
       - {engine: sim, count: 2}
       - {engine: sim, role: prefill}   # P/D: prefill-only (the others then decode: role: decode)
     # extra args for a worker: {engine: sim, args: ["--sim-itl", "0.02"]}
+
+LMCache (`--kv-offload lmcache`, or `kv_offload: lmcache` on a vLLM worker): `up` then starts
+one `lmcache server` before the workers (every such worker uses it, so they share its
+chunks) and stops it after them; its settings (services/engines/lmcache_backend.py
+LMCacheServerSettings) from an optional section:
+
+    lmcache: {port: 5555, http_port: 5556, l1_size_gb: 1.0}
+
+KV store (`--kv-offload store`, or `kv_offload: store` on a vLLM worker): `up` starts one
+`llm-mesh kvstore` after etcd and before the workers, and each such worker offloads to it
+(services/engines/kv_offload.py); it stops after them. Its flags from an optional section:
+
+    kvstore: {port: 50071, ram_gib: 4, disk_dir: /var/tmp/llm-mesh-kv, disk_gib: 16}
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import yaml
 from rich.console import Console
 
 from services import security, tls
+from services.engines.lmcache_backend import LMCacheServer, LMCacheServerSettings
 from services.etcd_server import EtcdServer
 from services.membership import etcd_settings
 from services.procs import Child, grpc_serving, http_ok
@@ -55,6 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-port", type=int, default=2379)
     parser.add_argument("--etcd", default=None, help="use this external etcd (host:port,...) instead of starting one")
     parser.add_argument("--lease-ttl", type=int, default=10)
+    parser.add_argument("--kv-offload", choices=["none", "store", "lmcache"], default="none",
+                        help="KV offload of the default vLLM workers: store starts an `llm-mesh kvstore` for them, "
+                             "lmcache an `lmcache server`")
+    parser.add_argument("--kvstore-port", type=int, default=50071,
+                        help="the KV store's port, unless the topology's kvstore: section says otherwise")
+    parser.add_argument("--lmcache-port", type=int, default=5555,
+                        help="the lmcache server's ZMQ port (its HTTP API on +1), unless the topology's "
+                             "lmcache: section says otherwise")
     parser.add_argument("--metrics-base-port", type=int, default=None,
                         help="serve Prometheus /metrics: the scheduler on this port, the gateway on +1, "
                              "worker i on +2+i (default: off)")
@@ -74,14 +96,55 @@ def topology(args: argparse.Namespace) -> dict[str, Any]:
                                   {"engine": args.engine, "role": "decode", "count": args.workers}]}
         else:
             config = {"workers": [{"engine": args.engine, "count": args.workers}]}
+        if args.kv_offload != "none":
+            for spec in config["workers"]:
+                spec["kv_offload"] = args.kv_offload
     config.setdefault("etcd", {"endpoints": args.etcd} if args.etcd else {"port": args.etcd_port})
     config.setdefault("scheduler", {"port": args.scheduler_port})
     config.setdefault("gateway", {"port": args.gateway_port})
     return config
 
 
+def lmcache_settings(config: dict[str, Any], args: argparse.Namespace) -> LMCacheServerSettings | None:
+    """The lmcache server to start: None when no worker has kv_offload lmcache."""
+    users = [w for w in config["workers"] if w.get("kv_offload") == "lmcache"]
+    if any(w.get("engine", "vllm") != "vllm" for w in users):
+        raise SystemExit("kv_offload: lmcache is for vLLM workers only")
+    if not users:
+        return None
+    spec = dict(config.get("lmcache") or {})
+    spec.setdefault("host", args.host)
+    spec.setdefault("port", args.lmcache_port)
+    spec.setdefault("http_port", int(spec["port"]) + 1)
+    try:
+        return LMCacheServerSettings.from_mapping(spec)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"lmcache: {exc}") from exc
+
+
+def kvstore_child(config: dict[str, Any], args: argparse.Namespace, etcd: str,
+                  log_dir: pathlib.Path) -> tuple[Child, str] | None:
+    """The KV store to start (child, address): None when no worker has kv_offload store."""
+    users = [w for w in config["workers"] if w.get("kv_offload") == "store"]
+    if any(w.get("engine", "vllm") != "vllm" for w in users):
+        raise SystemExit("kv_offload: store is for vLLM workers only")
+    if not users:
+        return None
+    spec = dict(config.get("kvstore") or {})
+    port = int(spec.pop("port", args.kvstore_port))
+    argv = ["kvstore", "--host", args.host, "--port", str(port), "--etcd", etcd, "--lease-ttl", str(args.lease_ttl),
+            *security_args(args, api_keys=False)]
+    for key in ("ram_gib", "disk_dir", "disk_gib", "nixl"):
+        if key in spec:
+            argv += [f"--{key.replace('_', '-')}", str(spec.pop(key))]
+    if spec:
+        raise SystemExit(f"kvstore: unknown keys {', '.join(sorted(spec))} (port, ram_gib, disk_dir, disk_gib, nixl)")
+    return Child.llm_mesh("kvstore", argv, log_dir), f"{args.host}:{port}"
+
+
 def worker_children(workers: list[dict[str, Any]], args: argparse.Namespace, etcd: str,
-                    log_dir: pathlib.Path) -> list[tuple[Child, str, bool]]:
+                    log_dir: pathlib.Path, lmcache_url: str | None = None,
+                    kvstore: str | None = None) -> list[tuple[Child, str, bool]]:
     """(child, address, is_vllm) for every worker of the topology."""
     cores = os.cpu_count() or 1
     vllm_count = sum(w.get("count", 1) for w in workers if w.get("engine", "vllm") == "vllm")
@@ -99,6 +162,12 @@ def worker_children(workers: list[dict[str, Any]], args: argparse.Namespace, etc
                 default_cores = "auto" if vllm_count == 1 else str(vllm_index % cores)
                 argv += ["--cpu-cores", str(spec.get("cpu_cores", default_cores))]
                 vllm_index += 1
+            if spec.get("kv_offload") == "lmcache":
+                assert lmcache_url is not None, "lmcache_settings() starts the server first"
+                argv += ["--kv-offload", "lmcache", "--lmcache-url", lmcache_url]
+            if spec.get("kv_offload") == "store":
+                assert kvstore is not None, "kvstore_child() starts the store first"
+                argv += ["--kv-offload", "store", "--kvstore", kvstore]
             argv += metrics_port_args(args, 2 + port - args.worker_base_port)
             argv += [str(a) for a in spec.get("args", [])]
             name = f"worker-{port}"
@@ -137,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     etcd_server = None
+    lmcache_server: LMCacheServer | None = None
     started: list[Child] = []
     try:
         if "endpoints" in config["etcd"]:
@@ -157,7 +227,26 @@ def run(args: argparse.Namespace) -> int:
                 default_model_dir() / ".llm-mesh-complete").exists():
             raise SystemExit("the model is not fetched yet: run `llm-mesh model fetch` (make run does it)")
 
-        workers = worker_children(config["workers"], args, etcd, log_dir)
+        lmcache = lmcache_settings(config, args)
+        if lmcache is not None:
+            lmcache_server = LMCacheServer(lmcache, log_dir / "lmcache.log")
+            with console.status("starting the lmcache server"):
+                lmcache_server.start()
+            console.print(f"[green]✓[/] lmcache       {lmcache.url}  (pid {lmcache_server.child.pid})")
+
+        store = kvstore_child(config, args, etcd, log_dir)
+        if store is not None:  # before the workers (they offload to it), stopped after them
+            store_child, store_address = store
+            store_child.start()
+            started.append(store_child)
+            with console.status("starting the KV store"):
+                store_child.wait_ready(lambda: stop.is_set() or grpc_serving(store_address, tls=probe_tls),
+                                       PROCESS_READY_TIMEOUT_S)
+            console.print(f"[green]✓[/] kvstore       {store_address}  (pid {store_child.pid})")
+
+        workers = worker_children(config["workers"], args, etcd, log_dir,
+                                  lmcache_url=lmcache.url if lmcache is not None else None,
+                                  kvstore=store[1] if store is not None else None)
         for child, _, _ in workers:
             child.start()
             started.append(child)
@@ -204,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"  metrics       http://{args.host}:{args.metrics_base_port}/metrics (scheduler; "
                           f"the gateway on +1, worker i on +2+i)")
         while not stop.wait(1.0):
-            dead = [c for c in started if not c.alive()]
+            dead = [c for c in [*started, *([lmcache_server.child] if lmcache_server else [])] if not c.alive()]
             if dead:
                 console.print(f"[red]✗[/] {dead[0].name} exited ({dead[0].process.returncode}):\n{dead[0].tail()}")
                 return 1
@@ -214,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
         for child in reversed(started):
             code = child.stop()
             console.print(f"  stopped {child.name} (exit {code})")
+        if lmcache_server is not None:  # after its workers, whose connectors talk to it until they stop
+            console.print(f"  stopped lmcache (exit {lmcache_server.stop()})")
         if etcd_server is not None:
             etcd_server.stop()
             console.print("  stopped etcd")

@@ -228,7 +228,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
             cpu_cores=args.cpu_cores, role=args.role, kv_side_channel_host=args.host,
             # Every P/D engine on a host needs its own NIXL side-channel port.
             kv_side_channel_port=args.kv_side_channel_port or args.port + 1000,
-            kv_lease_s=args.kv_lease_s,
+            kv_lease_s=args.kv_lease_s, kv_blocks=args.kv_blocks,
+            kv_offload=args.kv_offload, kvstore_address=args.kvstore or "", kvstore_etcd=args.etcd,
+            kvstore_transport=args.kvstore_transport, lmcache_url=args.lmcache_url,
         ))
     from services.engines.sim_engine import build_sim_engine
 
@@ -262,6 +264,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-lease-s", type=int, default=30,
                         help="vLLM prefill: seconds prefilled KV waits for a decode worker that never pulls it "
                              "(a waiting decoder's heartbeats extend it); bounds what a failed decode leg holds")
+    parser.add_argument("--kv-blocks", type=int, default=None,
+                        help="vLLM: cap the engine's KV cache at this many blocks (default: what --kv-cache-gib holds)")
+    parser.add_argument("--kv-offload", choices=["none", "store", "lmcache"], default="none",
+                        help="vLLM: offload KV blocks to the llm-mesh KV store (store) or LMCache (lmcache), and "
+                             "load prefix blocks the engine misses from there")
+    parser.add_argument("--kvstore", default=None,
+                        help="KV store address host:port for --kv-offload store (default: a store registered in etcd)")
+    parser.add_argument("--kvstore-transport", choices=["auto", "nixl", "grpc"], default="auto",
+                        help="KV store data path: NIXL when the store serves it (auto), NIXL only, or gRPC bytes")
+    parser.add_argument("--lmcache-url", default="tcp://127.0.0.1:5555",
+                        help="--kv-offload lmcache: the `lmcache server`'s ZMQ endpoint tcp://HOST:PORT "
+                             "(`llm-mesh up` starts one and passes it)")
     parser.add_argument("--kv-events-buffer", type=int, default=DEFAULT_CAPACITY,
                         help="KV events kept for replay; a scheduler further behind gets a snapshot")
     parser.add_argument("--kv-events-token-ids", action="store_true",
@@ -286,7 +300,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def discover_kvstore(args: argparse.Namespace, wait_s: float = 60.0) -> str:
+    """The address of a KV store registered in etcd (the lowest member id: every worker of a
+    mesh picks the same one, so they share blocks), waiting up to `wait_s` for one to appear."""
+    from services.kvstore_client import alist_stores
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            stores = await alist_stores(args.etcd, etcd_settings(args))
+        except Exception as exc:  # noqa: BLE001 - etcd not up yet: retried until the deadline
+            log.warning("listing KV stores in etcd failed: %s", exc)
+            stores = {}
+        if stores:
+            return stores[min(stores)].address
+        if time.monotonic() > deadline:
+            raise SystemExit(f"--kv-offload store: no --kvstore given and no KV store registered in etcd "
+                             f"{args.etcd} after {wait_s:.0f}s")
+        await asyncio.sleep(1.0)
+
+
 async def serve(args: argparse.Namespace) -> None:
+    if args.engine == "vllm" and args.kv_offload == "store" and not args.kvstore:
+        args.kvstore = await discover_kvstore(args)
+        log.info("KV offload to the store at %s (from etcd)", args.kvstore)
     engine = build_engine(args)
     kv_log = KVEventLog(args.kv_events_buffer, keep_token_ids=args.kv_events_token_ids)
     metrics = WorkerMetrics(kv_log) if args.metrics_port is not None else None

@@ -79,6 +79,8 @@ class VllmSettings:
     # vLLM's CPU attention backend needs a multiple of 32.
     block_size: int = 32
     kv_cache_gib: int = 2
+    # Cap on the engine's KV blocks (vLLM's num_gpu_blocks_override); None: what kv_cache_gib holds.
+    kv_blocks: int | None = None
     # VLLM_CPU_OMP_THREADS_BIND: "auto", "all", "nobind" or a core list like "0-1" / "1".
     cpu_cores: str = "auto"
     seed: int = 0
@@ -103,6 +105,17 @@ class VllmSettings:
     kv_lease_s: int = 30
     # Decode: a failed pull recomputes the prompt locally ("recompute") or fails the request.
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
+    # KV offload (services/engines/kv_offload.py): "store" writes computed blocks through to
+    # the llm-mesh KV store at `kvstore_address` and loads prefix blocks this engine misses from
+    # it (vLLM's OffloadingConnector with our spec); "lmcache" is services/engines/lmcache_backend.py.
+    kv_offload: Literal["none", "store", "lmcache"] = "none"
+    kvstore_address: str = ""
+    # Where the store's NIXL record is (comma-separated etcd endpoints; "" = gRPC bytes only),
+    # and the data path: "auto" (NIXL if the store serves it), "nixl" or "grpc".
+    kvstore_etcd: str = ""
+    kvstore_transport: str = "auto"
+    # kv_offload "lmcache": the `lmcache server`'s ZMQ endpoint (services/engines/lmcache_backend.py).
+    lmcache_url: str = "tcp://127.0.0.1:5555"
 
 
 class VllmEngine(Engine):
@@ -141,12 +154,14 @@ class VllmEngine(Engine):
             disable_log_stats=False,
             kv_events_config=self._kv_events_config(),
             kv_transfer_config=kv_transfer_config(s),
+            num_gpu_blocks_override=s.kv_blocks,
         )
         stats = self._stats
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda cfg, idx: _StatsRecorder(stats)])
-        if s.role != "both":
+        if s.role != "both" or s.kv_offload == "store":
             # vLLM's NIXL connector re-pins the model thread and leaves a busy-polling
-            # progress thread on the engine's core: undo both (services/engines/cpu_affinity.py).
+            # progress thread on the engine's core (so does the KV store's NIXL link,
+            # services/engines/kv_offload.py): undo both (services/engines/cpu_affinity.py).
             cores = parse_cpu_list(s.cpu_cores)
             if cores is not None:
                 restore_engine_cores(cores)
@@ -280,11 +295,40 @@ class VllmEngine(Engine):
 
 
 def kv_transfer_config(s: VllmSettings) -> KVTransferConfig | None:
-    """vLLM's KV connector for a role: NixlConnector (pull mode) as producer or consumer."""
-    if s.role == "both":
-        return None
+    """vLLM's KV connector: NixlConnector (pull mode) for a P/D role, the OffloadingConnector
+    to the KV store for kv_offload "store", both under vLLM's MultiConnector for a P/D role
+    with the store (NIXL first: a decode leg's pulled blocks win over a store load)."""
+    if s.kv_offload == "lmcache":
+        from services.engines import lmcache_backend
+        return lmcache_backend.kv_transfer_config(s)
+    if s.kv_offload not in ("none", "store"):
+        raise ValueError(f"unknown kv_offload {s.kv_offload!r} (none, store or lmcache)")
+    if s.kv_offload == "store" and not s.kvstore_address:
+        raise ValueError("kv_offload store needs kvstore_address")
     if s.role not in ROLES:
         raise ValueError(f"unknown role {s.role!r} (one of {', '.join(ROLES)})")
+    store = _store_offload_config(s) if s.kv_offload == "store" else None
+    if s.role == "both":
+        return store
+    nixl = _nixl_config(s)
+    if store is None:
+        return nixl
+    connectors = [{"kv_connector": c.kv_connector, "kv_role": c.kv_role, "kv_buffer_device": c.kv_buffer_device,
+                   "kv_connector_extra_config": c.kv_connector_extra_config,
+                   "kv_load_failure_policy": c.kv_load_failure_policy} for c in (nixl, store)]
+    return KVTransferConfig(kv_connector="MultiConnector", kv_role=nixl.kv_role, engine_id=s.kv_engine_id,
+                            kv_buffer_device=s.kv_buffer_device, kv_load_failure_policy=s.kv_load_failure_policy,
+                            kv_connector_extra_config={"connectors": connectors})
+
+
+def _store_offload_config(s: VllmSettings) -> KVTransferConfig:
+    from services.engines.kv_offload import extra_config
+    return KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both", kv_buffer_device="cpu",
+                            kv_connector_extra_config=extra_config(s.kvstore_address, s.model_name, etcd=s.kvstore_etcd,
+                                                                   transport=s.kvstore_transport))
+
+
+def _nixl_config(s: VllmSettings) -> KVTransferConfig:
     extra: dict[str, Any] = {"kv_lease_duration": s.kv_lease_s}
     return KVTransferConfig(
         kv_connector="NixlConnector",

@@ -1,0 +1,153 @@
+"""The vLLM offloading spec's scheduler side (services/engines/kv_offload.StoreManager) against a
+real `llm-mesh kvstore` process: lookups never wait on the network inside a step (RETRY, then
+the store's answer), pins hold the found blocks until the request's loads are done, stores are
+not offered twice, and an unreachable store is a miss. No engine: the calls are the ones vLLM's
+OffloadingConnector makes, in its order."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.kvstore_client import KVStoreClient
+from services.procs import Child, free_port, grpc_serving
+
+kv_offload = pytest.importorskip("services.engines.kv_offload")  # needs vLLM (and torch)
+from vllm.v1.kv_offload.base import LookupResult, ReqContext, ScheduleEndContext, make_offload_key  # noqa: E402
+
+MODEL, LAYOUT, BLOCK_BYTES = "m", "layout-test", 4096
+STEP = ScheduleEndContext(new_req_ids=(), preempted_req_ids=())
+
+
+def key(h: int) -> bytes:
+    """An offload key whose vLLM block hash (32 bytes) has `h` as its low 64 bits."""
+    return make_offload_key(bytes(24) + h.to_bytes(8, "big"), 0)
+
+
+@pytest.fixture(scope="module")
+def store(etcd, tmp_path_factory) -> str:
+    port = free_port()
+    child = Child.llm_mesh("kvstore", ["kvstore", "--port", str(port), "--etcd", etcd.endpoint, "--ram-mib", "16",
+                                       "--nixl", "off"], tmp_path_factory.mktemp("kv-offload"))
+    child.start()
+    try:
+        child.wait_ready(lambda: grpc_serving(f"127.0.0.1:{port}"), 60)
+        yield f"127.0.0.1:{port}"
+    finally:
+        child.stop()
+
+
+def settle(manager, probe: bytes, ctx: ReqContext, timeout: float = 10.0) -> LookupResult:
+    """Step (on_schedule_end) until the store's answer for `probe` is in."""
+    deadline = time.monotonic() + timeout
+    while (result := manager.lookup(probe, ctx)) is LookupResult.RETRY:
+        assert time.monotonic() < deadline, "the lookup never resolved"
+        manager.on_schedule_end(STEP)
+        time.sleep(0.01)
+    return result
+
+
+def pinned(address: str) -> int:
+    with KVStoreClient(address) as client:
+        return client.stats().pinned_blocks
+
+
+def test_lookup_pins_the_stored_run_until_the_load_is_done(store):
+    hashes = [1000 + i for i in range(10)]
+    with KVStoreClient(store) as client:
+        client.put(MODEL, LAYOUT, [(h, bytes([i]) * BLOCK_BYTES) for i, h in enumerate(hashes)])
+    manager = kv_offload.StoreManager(KVStoreClient(store), MODEL, LAYOUT, pin_lease_s=30)
+    try:
+        ctx = ReqContext(req_id="r1")
+        keys = [key(h) for h in [*hashes, 5000, 5001]]
+        # Inside a step: no answer yet, and nothing asked of the store until the step ends.
+        assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.RETRY] * len(keys)
+        assert not manager.has_pending_work()
+        manager.on_schedule_end(STEP)
+        assert manager.has_pending_work()  # keeps vLLM stepping while the lookup is out
+        assert settle(manager, keys[0], ctx) is LookupResult.HIT
+        assert [manager.lookup(k, ctx) for k in keys] == [LookupResult.HIT] * 10 + [LookupResult.MISS] * 2
+        assert not manager.has_pending_work()
+        assert pinned(store) == 10
+
+        spec = manager.prepare_load(keys[:10], ctx)
+        assert spec.hashes == tuple(hashes) and [s.block_hash for s in spec.slots] == hashes
+        manager.on_request_finished(ctx)
+        time.sleep(0.3)
+        assert pinned(store) == 10  # the load still reads them
+        manager.complete_load(keys[:10], ctx)
+        deadline = time.monotonic() + 5
+        while pinned(store) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pinned(store) == 0
+    finally:
+        manager.shutdown()
+
+
+def test_stores_are_offered_once(store):
+    manager = kv_offload.StoreManager(KVStoreClient(store), MODEL, LAYOUT, pin_lease_s=30)
+    try:
+        ctx = ReqContext(req_id="r2")
+        keys = [key(7000 + i) for i in range(4)]
+        out = manager.prepare_store(keys, ctx)
+        assert out.keys_to_store == keys and out.store_spec.hashes == tuple(7000 + i for i in range(4))
+        assert out.evicted_keys == []
+        manager.complete_store(keys[:2], ctx)
+        assert manager.prepare_store(keys, ctx).keys_to_store == keys[2:]
+    finally:
+        manager.shutdown()
+
+
+def test_an_unreachable_store_is_a_miss():
+    manager = kv_offload.StoreManager(KVStoreClient(f"127.0.0.1:{free_port()}", timeout_s=1.0), MODEL, LAYOUT,
+                                      pin_lease_s=30)
+    try:
+        ctx = ReqContext(req_id="r3")
+        assert manager.lookup(key(1), ctx) is LookupResult.RETRY
+        manager.on_schedule_end(STEP)
+        assert settle(manager, key(1), ctx) is LookupResult.MISS
+    finally:
+        manager.shutdown()
+
+
+def test_engine_settings_choose_the_connector():
+    from vllm.config.kv_transfer import KVTransferConfig
+
+    from services.engines.vllm_engine import VllmSettings, kv_transfer_config
+
+    base = dict(model_dir="/m", model_name=MODEL, kv_offload="store", kvstore_address="127.0.0.1:1")
+    both = kv_transfer_config(VllmSettings(**base))
+    assert both.kv_connector == "OffloadingConnector"
+    extra = both.kv_connector_extra_config
+    assert extra["spec_module_path"] == "services.engines.kv_offload" and extra["kvstore_model"] == MODEL
+    for role, kv_role in (("prefill", "kv_producer"), ("decode", "kv_consumer")):
+        multi = kv_transfer_config(VllmSettings(**base, role=role))
+        assert multi.kv_connector == "MultiConnector" and multi.kv_role == kv_role
+        # What vLLM's MultiConnector builds from each entry.
+        children = [KVTransferConfig(**c, engine_id=multi.engine_id) for c in multi.kv_connector_extra_config["connectors"]]
+        assert [c.kv_connector for c in children] == ["NixlConnector", "OffloadingConnector"]
+    assert kv_transfer_config(VllmSettings(model_dir="/m", model_name=MODEL)) is None
+    with pytest.raises(ValueError, match="kvstore_address"):
+        kv_transfer_config(VllmSettings(model_dir="/m", model_name=MODEL, kv_offload="store"))
+
+
+def test_up_starts_a_store_for_workers_that_offload_to_it(tmp_path):
+    import argparse
+
+    from services import up
+
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    args = parser.parse_args(["--kv-offload", "store", "--workers", "2", "--kvstore-port", "50999"])
+    config = up.topology(args)
+    child, address = up.kvstore_child(config, args, "127.0.0.1:2379", tmp_path)
+    assert address == "127.0.0.1:50999" and child.argv[3:6] == ["kvstore", "--host", "127.0.0.1"]
+    workers = up.worker_children(config["workers"], args, "127.0.0.1:2379", tmp_path, kvstore=address)
+    for worker, _, _ in workers:
+        at = worker.argv.index("--kv-offload")
+        assert worker.argv[at:at + 4] == ["--kv-offload", "store", "--kvstore", address]
+    assert up.kvstore_child(up.topology(parser.parse_args([])), args, "e", tmp_path) is None
+    config["kvstore"] = {"ram_gib": 2, "bogus": 1}
+    with pytest.raises(SystemExit, match="bogus"):
+        up.kvstore_child(config, args, "e", tmp_path)
