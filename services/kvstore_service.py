@@ -141,12 +141,11 @@ MAX_POSITION = 1 << 24  # blocks into a sequence: far beyond any context window
 
 
 def check_position(start: int, message: Any, field: str) -> tuple[int, int | None]:
-    """(start_position, parent_block_hash) of a write: a parent exactly when it starts mid-sequence."""
+    """(start_position, parent_block_hash) of a write. A write starting mid-sequence without its
+    parent is kept; its first blocks then start a chunk record of their own (kvstore/README.md)."""
     has_parent = message.HasField("parent_block_hash")
     if start >= MAX_POSITION:
         raise invalid(f"{field} must be below {MAX_POSITION}", field)
-    if start and not has_parent:
-        raise invalid("parent_block_hash is required when start_position > 0", "parent_block_hash")
     if not start and has_parent:
         raise invalid("parent_block_hash must be unset when start_position is 0", "parent_block_hash")
     return start, (message.parent_block_hash if has_parent else None)

@@ -39,10 +39,11 @@ asserts success), so a load that fails after its pin (the store died mid-read)
 is read again over gRPC, twice, and then fails the engine step: loud, never
 wrong tokens.
 
-Known gap: vLLM hands over a request's blocks in steps, not from position 0, and
-the store's ReserveWrite/PutBlocks take a chain "from the sequence start": the
-store's etcd chunk records of blocks written after a request's first step are
-placed by slice, not by their true position (needs a start-position field).
+Positions: vLLM hands a request's blocks over in steps, not from position 0. Each
+block's position comes from vLLM's per-request key positions (its end token), and
+each store write says where its run starts (ReserveWrite/PutBlocks
+start_position, with the hash before it when this engine knows it), so the
+store's etcd chunk records stay aligned to the sequence.
 """
 
 from __future__ import annotations
@@ -130,6 +131,23 @@ class StoreBlocks(LoadStoreSpec):
 
     hashes: tuple[int, ...]
     slots: tuple[Slot, ...] = ()
+    # Stores: each block's position in its sequence and the hash before it (None: unknown).
+    positions: tuple[int, ...] = ()
+    parents: tuple[int | None, ...] = ()
+
+    def runs(self) -> list[tuple[int, int, int | None]]:
+        """(first index, count, parent hash) of each run of consecutive positions; the whole job
+        as one run from position 0 when positions are unknown."""
+        if not self.positions:
+            return [(0, len(self.hashes), None)]
+        out: list[tuple[int, int, int | None]] = []
+        for i, pos in enumerate(self.positions):
+            if out and pos == self.positions[i - 1] + 1:
+                first, n, parent = out[-1]
+                out[-1] = (first, n + 1, parent)
+            else:
+                out.append((i, 1, self.parents[i]))
+        return out
 
 
 # --- scheduler side ------------------------------------------------------------
@@ -142,6 +160,7 @@ class _Request:
     in_flight: bool = False
     held: dict[int, Slot | None] = dataclasses.field(default_factory=dict)  # hash -> slot (None: a miss)
     pins: list[str] = dataclasses.field(default_factory=list)
+    at: dict[int, int] = dataclasses.field(default_factory=dict)  # position -> hash, of blocks seen
     loads: int = 0  # load jobs not yet complete
     finished: bool = False
 
@@ -149,9 +168,11 @@ class _Request:
 class StoreManager(OffloadingManager):
     """Tracks, per request, which of its blocks the store holds (pinned); see the module docstring."""
 
-    def __init__(self, client: KVStoreClient, model: str, layout: str, pin_lease_s: float) -> None:
+    def __init__(self, client: KVStoreClient, model: str, layout: str, pin_lease_s: float,
+                 block_tokens: int) -> None:
         self._client, self._model, self._layout = client, model, layout
         self._pin_lease_s = pin_lease_s
+        self._block_tokens = block_tokens
         self._requests: dict[str, _Request] = {}
         self._stored: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._calls: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -246,11 +267,27 @@ class StoreManager(OffloadingManager):
             self._release_if_done(req_context.req_id, req)
 
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
-        req = self._requests.get(req_context.req_id)
-        todo = [k for k in keys if (h := block_hash_of(k)) not in self._stored
-                and not (req is not None and req.held.get(h) is not None)]
-        return PrepareStoreOutput(keys_to_store=todo, store_spec=StoreBlocks(tuple(block_hash_of(k) for k in todo)),
-                                  evicted_keys=[])
+        req = self._requests.setdefault(req_context.req_id, _Request())
+        placed = [(self._position(k, req_context), k) for k in keys]
+        for pos, k in placed:
+            if pos is not None:
+                req.at[pos] = block_hash_of(k)
+        todo = [(pos, k) for pos, k in placed if (h := block_hash_of(k)) not in self._stored
+                and req.held.get(h) is None]
+        if all(pos is not None for pos, _ in todo):
+            todo.sort(key=lambda t: t[0])  # type: ignore[arg-type, return-value]
+            positions = tuple(pos for pos, _ in todo)
+            parents = tuple(req.at.get(pos - 1) if pos else None for pos, _ in todo)  # type: ignore[operator]
+        else:  # vLLM did not place them: one run, as given
+            positions, parents = (), ()
+        hashes = tuple(block_hash_of(k) for _, k in todo)
+        return PrepareStoreOutput(keys_to_store=[k for _, k in todo], evicted_keys=[],
+                                  store_spec=StoreBlocks(hashes, positions=positions, parents=parents))  # type: ignore[arg-type]
+
+    def _position(self, key: OffloadKey, req_context: ReqContext) -> int | None:
+        """The block's position in its sequence (vLLM records each key's end token)."""
+        end = req_context.get_offload_key_position(key)
+        return end // self._block_tokens - 1 if end else None
 
     def complete_store(self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True) -> None:
         for k in keys:
@@ -437,10 +474,14 @@ class StoreWorker(OffloadingWorker):
         gRPC: one PutBlocks per slice. Any load that arrives meanwhile runs between two slices.
         A dropped store is a later miss, never an engine error: the job always succeeds."""
         started = time.perf_counter()
-        if self._nixl is None or not self._store_nixl(job_id, block_ids, blocks):
-            for i in range(0, len(block_ids), STORE_SLICE_BLOCKS):
-                self._put(job_id, block_ids[i:i + STORE_SLICE_BLOCKS], blocks.hashes[i:i + STORE_SLICE_BLOCKS])
-                self._loads_first()
+        for first, n, parent in blocks.runs():
+            start = blocks.positions[first] if blocks.positions else 0
+            run_ids, run_hashes = block_ids[first:first + n], blocks.hashes[first:first + n]
+            if self._nixl is None or not self._store_nixl(job_id, run_ids, run_hashes, start, parent):
+                for i in range(0, n, STORE_SLICE_BLOCKS):
+                    self._put(job_id, run_ids[i:i + STORE_SLICE_BLOCKS], run_hashes[i:i + STORE_SLICE_BLOCKS],
+                              start + i, run_hashes[i - 1] if i else parent)
+                    self._loads_first()
         self._finish(TransferResult(job_id, True, len(block_ids) * self.block_bytes, time.perf_counter() - started))
 
     def _loads_first(self) -> None:
@@ -457,12 +498,14 @@ class StoreWorker(OffloadingWorker):
             self._pending.discard(result.job_id)
             self._cond.notify_all()
 
-    def _store_nixl(self, job_id: int, block_ids: list[int], blocks: StoreBlocks) -> bool:
+    def _store_nixl(self, job_id: int, block_ids: list[int], hashes: tuple[int, ...], start: int,
+                    parent: int | None) -> bool:
         write_id = ""
         try:
-            reservation = self._client.reserve(self._model, self._layout, self.block_bytes, blocks.hashes)
+            reservation = self._client.reserve(self._model, self._layout, self.block_bytes, hashes,
+                                               start=start, parent=parent)
             write_id = reservation.write_id
-            engine_block = dict(zip(blocks.hashes, block_ids))
+            engine_block = dict(zip(hashes, block_ids))
             slots = list(reservation.slots)  # blocks the store already holds are left out
             for i in range(0, len(slots), STORE_SLICE_BLOCKS):
                 part = slots[i:i + STORE_SLICE_BLOCKS]
@@ -482,10 +525,12 @@ class StoreWorker(OffloadingWorker):
                     self._client.abort(write_id)
             return False
 
-    def _put(self, job_id: int, block_ids: list[int], hashes: tuple[int, ...]) -> None:
+    def _put(self, job_id: int, block_ids: list[int], hashes: tuple[int, ...], start: int,
+             parent: int | None) -> None:
         try:
             _, rejected = self._client.put(self._model, self._layout,
-                                           ((h, self._block(b)) for h, b in zip(hashes, block_ids)))
+                                           ((h, self._block(b)) for h, b in zip(hashes, block_ids)),
+                                           start=start, parent=parent)
             if rejected:
                 log.warning("KV store: %d blocks of store job %d rejected (checksum)", len(rejected), job_id)
         except Exception as exc:  # noqa: BLE001
@@ -564,7 +609,8 @@ class MeshKVStoreSpec(OffloadingSpec):
 
     def get_manager(self) -> OffloadingManager:
         if self._manager is None:
-            self._manager = StoreManager(KVStoreClient(self.address), self.model, self.layout, self.pin_lease_s)
+            self._manager = StoreManager(KVStoreClient(self.address), self.model, self.layout, self.pin_lease_s,
+                                         self.tokens_per_hash)
             log.info("KV offload to the store at %s, layout %s", self.address, self.layout)
         return self._manager
 

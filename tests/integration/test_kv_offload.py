@@ -57,7 +57,7 @@ def test_lookup_pins_the_stored_run_until_the_load_is_done(store):
     hashes = [1000 + i for i in range(10)]
     with KVStoreClient(store) as client:
         client.put(MODEL, LAYOUT, [(h, bytes([i]) * BLOCK_BYTES) for i, h in enumerate(hashes)])
-    manager = kv_offload.StoreManager(KVStoreClient(store), MODEL, LAYOUT, pin_lease_s=30)
+    manager = kv_offload.StoreManager(KVStoreClient(store), MODEL, LAYOUT, pin_lease_s=30, block_tokens=16)
     try:
         ctx = ReqContext(req_id="r1")
         keys = [key(h) for h in [*hashes, 5000, 5001]]
@@ -86,7 +86,7 @@ def test_lookup_pins_the_stored_run_until_the_load_is_done(store):
 
 
 def test_stores_are_offered_once(store):
-    manager = kv_offload.StoreManager(KVStoreClient(store), MODEL, LAYOUT, pin_lease_s=30)
+    manager = kv_offload.StoreManager(KVStoreClient(store), MODEL, LAYOUT, pin_lease_s=30, block_tokens=16)
     try:
         ctx = ReqContext(req_id="r2")
         keys = [key(7000 + i) for i in range(4)]
@@ -101,7 +101,7 @@ def test_stores_are_offered_once(store):
 
 def test_an_unreachable_store_is_a_miss():
     manager = kv_offload.StoreManager(KVStoreClient(f"127.0.0.1:{free_port()}", timeout_s=1.0), MODEL, LAYOUT,
-                                      pin_lease_s=30)
+                                      pin_lease_s=30, block_tokens=16)
     try:
         ctx = ReqContext(req_id="r3")
         assert manager.lookup(key(1), ctx) is LookupResult.RETRY
@@ -151,3 +151,31 @@ def test_up_starts_a_store_for_workers_that_offload_to_it(tmp_path):
     config["kvstore"] = {"ram_gib": 2, "bogus": 1}
     with pytest.raises(SystemExit, match="bogus"):
         up.kvstore_child(config, args, "e", tmp_path)
+
+
+def test_stores_say_where_their_blocks_sit_in_the_sequence(store):
+    """vLLM places each key (its end token); a store job carries each block's position and the
+    hash before it, split into runs of consecutive positions (what ReserveWrite/PutBlocks send)."""
+    manager = kv_offload.StoreManager(KVStoreClient(store), MODEL, LAYOUT, pin_lease_s=30, block_tokens=16)
+    try:
+        ctx = ReqContext(req_id="r4")
+        keys = [key(8000 + i) for i in range(6)]
+        for i, k in enumerate(keys):
+            ctx.set_offload_key_position(k, (i + 1) * 16)
+        first = manager.prepare_store(keys[:2], ctx).store_spec
+        assert first.positions == (0, 1) and first.parents == (None, 8000)
+        assert first.runs() == [(0, 2, None)]
+        manager.complete_store(keys[:2], ctx)
+        # Block 4 went out in a job of its own; a later step hands over blocks 2, 3 and 5.
+        assert manager.prepare_store(keys[4:5], ctx).store_spec.runs() == [(0, 1, None)]  # 3 not seen yet
+        manager.complete_store(keys[4:5], ctx)
+        later = manager.prepare_store([keys[5], keys[2], keys[3]], ctx)
+        assert later.keys_to_store == [keys[2], keys[3], keys[5]]  # sequence order, as vLLM's block ids
+        spec = later.store_spec
+        assert spec.hashes == (8002, 8003, 8005) and spec.positions == (2, 3, 5)
+        assert spec.runs() == [(0, 2, 8001), (2, 1, 8004)]
+        # Unplaced keys: one run from the job's first block, as given.
+        unplaced = manager.prepare_store([key(9001), key(9000)], ReqContext(req_id="r5")).store_spec
+        assert unplaced.positions == () and unplaced.runs() == [(0, 2, None)]
+    finally:
+        manager.shutdown()

@@ -268,7 +268,9 @@ def test_a_write_of_a_prefix_tail_joins_the_aligned_chunk_records(stores, tmp_pa
         assert c.put(MODEL, LAYOUT, blocks[2:], start=2, parent=hashes[1]) == (4, [])
         assert c.lookup(MODEL, LAYOUT, hashes) == (6, 6)
         with pytest.raises(grpc.RpcError) as err:
-            c.reserve(MODEL, LAYOUT, BLOCK, hashes[2:4], start=2)
+            c.stub.ReserveWrite(kvstore_pb2.ReserveWriteRequest(
+                chain=kvstore_pb2.BlockChain(model=MODEL, layout=LAYOUT, block_hashes=hashes[:1]),
+                block_bytes=BLOCK, parent_block_hash=7), timeout=5)
         assert status_details(err.value)[0] == ["parent_block_hash"]
         with pytest.raises(grpc.RpcError) as err:
             c.put(MODEL, LAYOUT, blocks[:1], start=1 << 24, parent=1)
