@@ -28,7 +28,7 @@ KV store (`--kv-offload store`, or `kv_offload: store` on a vLLM worker): `up` s
 `llm-mesh kvstore` after etcd and before the workers, and each such worker offloads to it
 (services/engines/kv_offload.py); it stops after them. Its flags from an optional section:
 
-    kvstore: {port: 50071, ram_gib: 4, disk_dir: /var/tmp/llm-mesh-kv, disk_gib: 16}
+    kvstore: {port: 50071, ram_gib: 4, disk_dir: /var/tmp/llm-mesh-kv, disk_gib: 16, prefault: true}
 """
 
 from __future__ import annotations
@@ -137,8 +137,11 @@ def kvstore_child(config: dict[str, Any], args: argparse.Namespace, etcd: str,
     for key in ("ram_gib", "disk_dir", "disk_gib", "nixl"):
         if key in spec:
             argv += [f"--{key.replace('_', '-')}", str(spec.pop(key))]
+    if spec.pop("prefault", False):  # the RAM tier resident at start: NIXL WRITEs skip first-touch faults
+        argv.append("--prefault")
     if spec:
-        raise SystemExit(f"kvstore: unknown keys {', '.join(sorted(spec))} (port, ram_gib, disk_dir, disk_gib, nixl)")
+        raise SystemExit(f"kvstore: unknown keys {', '.join(sorted(spec))} "
+                         "(port, ram_gib, disk_dir, disk_gib, nixl, prefault)")
     return Child.llm_mesh("kvstore", argv, log_dir), f"{args.host}:{port}"
 
 

@@ -87,6 +87,7 @@ from collections.abc import Callable, Iterable, Sequence
 from scheduler.block_hash import DEFAULT_SEED, BlockHasher, external_block_hash, sha256_cbor
 from services.engines.base import (AllBlocksCleared, BlockRemoved, BlockStored, EngineInfo, EngineLoad,
                                    EngineRequest, FinishReason, KVEvent)
+from services.engines.sim_link import KVLink
 from services.engines.sim_store import SimStore
 
 
@@ -114,26 +115,9 @@ class SimLatency:
 
 
 @dataclasses.dataclass(frozen=True)
-class KVTransfer:
-    """How long pulling a remote prefill's KV takes: `latency_s + tokens × bytes_per_token / bandwidth`.
-
-    Defaults: Llama-3-8B in bf16 (32 layers × 8 KV heads × 128 dims × K and V × 2 bytes =
-    128 KiB per token) over a 400 Gb/s RDMA NIC (50 GB/s), so an 8k-token prompt (1 GiB) takes
-    ~22 ms against ~0.8 s to prefill it; the fixed latency stands for the pull's handshake and
-    completion notification.
-    """
-
-    bytes_per_token: int = 128 * 1024
-    bandwidth_gbps: float = 400.0  # gigabits per second, NIC convention
-    latency_s: float = 0.001
-
-    def __post_init__(self) -> None:
-        if self.bytes_per_token < 0 or self.bandwidth_gbps <= 0 or self.latency_s < 0:
-            raise ValueError("bytes_per_token and latency_s must be >= 0 and bandwidth_gbps > 0")
-
-    def wire_time(self, tokens: int) -> float:
-        """Seconds the link is busy moving `tokens` tokens of KV (no fixed latency)."""
-        return tokens * self.bytes_per_token * 8 / (self.bandwidth_gbps * 1e9)
+class KVTransfer(KVLink):
+    """How long pulling a remote prefill's KV takes. Default: a 400 Gb/s RDMA NIC (50 GB/s), so
+    an 8k-token prompt (1 GiB) takes ~22 ms against ~0.8 s to prefill it."""
 
 
 @dataclasses.dataclass(frozen=True)

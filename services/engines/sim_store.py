@@ -27,34 +27,18 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from scheduler.block_hash import external_block_hash
+from services.engines.sim_link import KVLink
 
 OFFLOAD_MODES = ("evict", "compute")
 
 
 @dataclasses.dataclass(frozen=True)
-class StoreLink:
-    """An engine's link to the store: `latency_s + tokens × bytes_per_token / bandwidth`.
+class StoreLink(KVLink):
+    """An engine's link to the store. 80 Gb/s (10 GB/s: a NIXL READ from the store's RAM pool
+    measured 7-12 GB/s here, DESIGN.md) + 1 ms (pin, handshake, completion): ~76k tokens/s of
+    128 KiB, so a store hit costs ~1/8 of a recompute at 10k tokens/s."""
 
-    Defaults: 128 KiB of KV per token (Llama-3-8B, bf16) at 80 Gb/s (10 GB/s: a NIXL READ
-    from the store's RAM pool measured 7-12 GB/s here, DESIGN.md) + 1 ms (pin, handshake,
-    completion): ~76k tokens/s, so a store hit costs ~1/8 of a recompute at 10k tokens/s.
-    """
-
-    bytes_per_token: int = 128 * 1024
     bandwidth_gbps: float = 80.0
-    latency_s: float = 0.001
-
-    def __post_init__(self) -> None:
-        if self.bytes_per_token < 0 or self.bandwidth_gbps <= 0 or self.latency_s < 0:
-            raise ValueError("bytes_per_token and latency_s must be >= 0 and bandwidth_gbps > 0")
-
-    def wire_time(self, tokens: int) -> float:
-        """Seconds the link is busy moving `tokens` tokens of KV (no fixed latency)."""
-        return tokens * self.bytes_per_token * 8 / (self.bandwidth_gbps * 1e9)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.bandwidth_gbps * 1e9 / 8 / max(1, self.bytes_per_token)
 
 
 @dataclasses.dataclass

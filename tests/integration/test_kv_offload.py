@@ -148,6 +148,9 @@ def test_up_starts_a_store_for_workers_that_offload_to_it(tmp_path):
         at = worker.argv.index("--kv-offload")
         assert worker.argv[at:at + 4] == ["--kv-offload", "store", "--kvstore", address]
     assert up.kvstore_child(up.topology(parser.parse_args([])), args, "e", tmp_path) is None
+    config["kvstore"] = {"ram_gib": 2, "prefault": True}
+    child, _ = up.kvstore_child(config, args, "e", tmp_path)
+    assert child.argv[-3:] == ["--ram-gib", "2", "--prefault"]
     config["kvstore"] = {"ram_gib": 2, "bogus": 1}
     with pytest.raises(SystemExit, match="bogus"):
         up.kvstore_child(config, args, "e", tmp_path)
