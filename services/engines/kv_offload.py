@@ -267,7 +267,9 @@ class StoreManager(OffloadingManager):
             self._release_if_done(req_context.req_id, req)
 
     def prepare_store(self, keys: Collection[OffloadKey], req_context: ReqContext) -> PrepareStoreOutput | None:
-        req = self._requests.setdefault(req_context.req_id, _Request())
+        # Not setdefault: vLLM may store a request's last blocks after on_request_finished, and an
+        # entry made then would never be dropped.
+        req = self._requests.get(req_context.req_id) or _Request()
         placed = [(self._position(k, req_context), k) for k in keys]
         for pos, k in placed:
             if pos is not None:
@@ -296,6 +298,7 @@ class StoreManager(OffloadingManager):
             self._stored.popitem(last=False)
 
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
+        self._requests.setdefault(req_context.req_id, _Request())
         return RequestOffloadingContext(policy=OffloadPolicy.CHUNK_LEVEL)
 
     def on_request_finished(self, req_context: ReqContext) -> None:

@@ -162,6 +162,7 @@ def test_stores_say_where_their_blocks_sit_in_the_sequence(store):
     manager = kv_offload.StoreManager(KVStoreClient(store), MODEL, LAYOUT, pin_lease_s=30, block_tokens=16)
     try:
         ctx = ReqContext(req_id="r4")
+        manager.on_new_request(ctx)
         keys = [key(8000 + i) for i in range(6)]
         for i, k in enumerate(keys):
             ctx.set_offload_key_position(k, (i + 1) * 16)
@@ -180,5 +181,9 @@ def test_stores_say_where_their_blocks_sit_in_the_sequence(store):
         # Unplaced keys: one run from the job's first block, as given.
         unplaced = manager.prepare_store([key(9001), key(9000)], ReqContext(req_id="r5")).store_spec
         assert unplaced.positions == () and unplaced.runs() == [(0, 2, None)]
+        # A request's blocks stored after it finished leave no bookkeeping behind.
+        manager.on_request_finished(ctx)
+        manager.prepare_store([key(8006)], ctx)
+        assert "r4" not in manager._requests and "r5" not in manager._requests
     finally:
         manager.shutdown()
