@@ -321,6 +321,9 @@ async def discover_kvstore(args: argparse.Namespace, wait_s: float = 60.0) -> st
 
 
 async def serve(args: argparse.Namespace) -> None:
+    if args.engine != "vllm" and args.kv_offload != "none":
+        # The sim engine's store lives in the simulator (`bench routing --kvstore-blocks`).
+        raise SystemExit(f"--kv-offload {args.kv_offload} is for the vllm engine, not {args.engine}")
     if args.engine == "vllm" and args.kv_offload == "store" and not args.kvstore:
         args.kvstore = await discover_kvstore(args)
         log.info("KV offload to the store at %s (from etcd)", args.kvstore)

@@ -187,3 +187,12 @@ def test_stores_say_where_their_blocks_sit_in_the_sequence(store):
         assert "r4" not in manager._requests and "r5" not in manager._requests
     finally:
         manager.shutdown()
+
+
+def test_a_sim_worker_refuses_kv_offload():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--engine", "sim", "--kv-offload", "store",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--kv-offload store is for the vllm engine, not sim" in done.stderr
