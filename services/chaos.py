@@ -11,9 +11,13 @@ prompt of the load on the undisturbed mesh, then runs a steady greedy load while
 - kill-scheduler  SIGKILL a scheduler replica (needs --schedulers ≥ 2); restarted on the same
                   ports `--replace-after` s later;
 - etcd-stop       stop etcd (SIGTERM) for `--etcd-outage` s, then start it again on its data;
-- etcd-pause      SIGSTOP etcd for as long (it hangs instead of refusing).
+- etcd-pause      SIGSTOP etcd for as long (it hangs instead of refusing);
+- kill-kvstore    SIGKILL the KV store (started when the schedule has this fault, seeded with the
+                  load's prompt blocks so every scheduler's index holds store entries); restarted
+                  `--replace-after` s later with the same id and disk tier (it comes back with
+                  what its disk held). The sim workers do not load from it: this fault tests that
+                  the schedulers keep routing while a store dies, vanishes and returns.
 A fault may carry its own duration: `etcd-stop:8`, `kill-worker:2`.
-Unsupported: faults of the KV store (kv-store-*) — no KV store process exists yet.
 
 The load generator is a platform client of every scheduler replica: a request that fails before
 its first token with UNAVAILABLE or RESOURCE_EXHAUSTED is retried on the next replica with
@@ -51,12 +55,13 @@ from typing import Any
 import grpc
 
 from services.etcd_server import EtcdServer
+from services.engines.sim_model import SimConfig
 from services.local_mesh import SIM_ARGS, Mesh, SchedulerReplica, start_mesh
-from services.procs import free_port_pair
+from services.procs import Child, free_port, free_port_pair
 
-FAULT_KINDS = ("kill-worker", "drain-worker", "kill-scheduler", "etcd-stop", "etcd-pause")
-KV_STORE_UNSUPPORTED = "no KV store process exists yet"
-UNSUPPORTED_FAULTS = {"kv-store-*": KV_STORE_UNSUPPORTED}
+FAULT_KINDS = ("kill-worker", "drain-worker", "kill-scheduler", "etcd-stop", "etcd-pause", "kill-kvstore")
+STORE_ID = "chaos-kvstore"
+STORE_BLOCK_BYTES = 64 * 1024  # with a 1 MiB RAM tier, the seeded blocks mostly live on disk
 DEFAULT_FAULTS = "kill-worker,kill-scheduler,etcd-stop,drain-worker"
 RESTART_TIMEOUT_S = 120.0  # a scheduler loads its tokenizer: ~40 s on 2 busy cores
 CLIENT_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -74,8 +79,6 @@ def parse_faults(spec: str, etcd_outage_s: float, replace_after_s: float) -> lis
     faults = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         kind, _, duration = item.partition(":")
-        if kind.startswith("kv-store"):
-            raise SystemExit(f"fault {kind!r}: {KV_STORE_UNSUPPORTED}")
         if kind not in FAULT_KINDS:
             raise SystemExit(f"unknown fault {kind!r} (one of {', '.join(FAULT_KINDS)})")
         default = etcd_outage_s if kind.startswith("etcd") else replace_after_s
@@ -202,6 +205,40 @@ def _failovers(url: str) -> dict[str, float]:
 
 
 @dataclasses.dataclass
+class StoreHandle:
+    """The chaos mesh's KV store: what a restart after kill-kvstore reuses."""
+
+    address: str
+    child: Child
+    port: int
+    disk_dir: pathlib.Path
+
+
+def store_blocks(address: str) -> int:
+    """Blocks the store holds (RAM + disk)."""
+    from services.kvstore_client import KVStoreClient
+
+    with KVStoreClient(address) as client:
+        stats = client.stats()
+    return stats.ram.blocks + stats.disk.blocks
+
+
+def seed_store(address: str, model: str, prompts: list[list[int]], block_size: int) -> int:
+    """Put every full block of the load's prompts (hashed as the schedulers hash them) into the
+    store; returns blocks stored."""
+    from scheduler.block_hash import BlockHasher, external_block_hash
+    from services.kvstore_client import KVStoreClient
+
+    hasher = BlockHasher(block_size)
+    stored = 0
+    with KVStoreClient(address) as client:
+        for prompt in prompts:
+            hashes = [external_block_hash(h) for h in hasher.hash_blocks(prompt)]
+            stored += client.put(model, "chaos-seed", [(h, bytes(STORE_BLOCK_BYTES)) for h in hashes])[0]
+    return stored
+
+
+@dataclasses.dataclass
 class Chaos:
     """The mesh, its etcd and what the faults need to replace what they break."""
 
@@ -212,6 +249,7 @@ class Chaos:
     counters: FailoverCounters
     rng: random.Random
     t0: float = 0.0
+    kvstore: StoreHandle | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -247,6 +285,17 @@ class Chaos:
             await asyncio.sleep(fault.duration_s)
             await asyncio.to_thread(self.mesh.start_scheduler, replica.port, replica.metrics_port,
                                     RESTART_TIMEOUT_S)
+        elif fault.kind == "kill-kvstore":
+            store = self.kvstore
+            assert store is not None, "run() starts the store when the schedule kills it"
+            record["target"] = store.child.name
+            record["store_blocks_before"] = await asyncio.to_thread(store_blocks, store.address)
+            store.child.signal(signal.SIGKILL)
+            await asyncio.sleep(fault.duration_s)
+            _, store.child = await asyncio.to_thread(self.mesh.start_kvstore, STORE_ID, store.disk_dir, store.port,
+                                                     self.lease_ttl, RESTART_TIMEOUT_S, 1)
+            record["replacement"] = store.child.name
+            record["store_blocks_after"] = await asyncio.to_thread(store_blocks, store.address)
         elif fault.kind == "etcd-stop":
             record["target"] = "etcd"
             await asyncio.to_thread(self.etcd.stop)
@@ -395,7 +444,6 @@ def build_report(outcomes: list[Outcome], records: list[dict[str, Any]], referen
                                      "after": ttft(r["end_s"], after_end)}})
     return {
         "config": config,
-        "unsupported_faults": UNSUPPORTED_FAULTS,
         "load_duration_s": round(duration_s, 1),
         "requests": {
             "sent": len(outcomes),
@@ -438,7 +486,6 @@ def print_report(report: dict[str, Any]) -> None:
         ("streams ≠ reference (of checked)", f"{t['streams_mismatched']} (of {t['streams_checked']})"),
         ("tokens missing / extra", f"{t['missing']} / {t['extra']}"),
         ("TTFT p50 / p99 overall", _pair(report["ttft_overall"])),
-        ("unsupported faults", "; ".join(f"{k}: {v}" for k, v in report["unsupported_faults"].items())),
     ]:
         summary.add_row(label, str(value))
     console.print(summary)
@@ -465,8 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faults", default=DEFAULT_FAULTS,
                         help=f"comma-separated KIND[:SECONDS], run one after another; KIND one of "
                              f"{', '.join(FAULT_KINDS)}; SECONDS: etcd outage, or delay before a killed or "
-                             f"drained process is replaced. Unsupported: kv-store-* "
-                             f"({KV_STORE_UNSUPPORTED}). Default: {DEFAULT_FAULTS}")
+                             f"drained process (or the KV store) is replaced. Default: {DEFAULT_FAULTS}")
     parser.add_argument("--etcd-outage", type=float, default=20.0,
                         help="default etcd-stop/etcd-pause length, s")
     parser.add_argument("--replace-after", type=float, default=5.0,
@@ -518,6 +564,12 @@ def run(args: argparse.Namespace) -> int:
                           lease_ttl=args.lease_ttl, schedulers=args.schedulers)
         chaos = Chaos(mesh, etcd, worker_args, args.lease_ttl, FailoverCounters(), random.Random(args.seed))
         prompts = prompts_for(args.prompts, args.prompt_tokens, args.seed)
+        if any(f.kind == "kill-kvstore" for f in faults):
+            store_port = free_port()
+            disk_dir = log_dir / "kvstore-disk"
+            address, child = mesh.start_kvstore(STORE_ID, disk_dir, store_port, args.lease_ttl, ram_mib=1)
+            chaos.kvstore = StoreHandle(address, child, store_port, disk_dir)
+            print(f"KV store {address}: {seed_store(address, mesh.model, prompts, SimConfig().block_size)} blocks seeded")
 
         async def main() -> tuple[list[Outcome], list[dict[str, Any]], list[list[int]], float]:
             client = LoadClient([s.address for s in mesh.schedulers], mesh.model, args.max_tokens,

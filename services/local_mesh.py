@@ -85,6 +85,21 @@ class Mesh:
         replica.child.wait_ready(lambda: grpc_serving(replica.address, tls=self.probe_tls), timeout)
         self.schedulers = [s for s in self.schedulers if s.port != replica.port] + [replica]
 
+    def start_kvstore(self, store_id: str, disk_dir: pathlib.Path, port: int | None = None, lease_ttl: int = 10,
+                      timeout: float = 60, ram_mib: int = 64) -> tuple[str, Child]:
+        """A KV store with a disk tier at `disk_dir` (gRPC bytes path only). A restart after a kill
+        passes the same id, disk and port: it comes back with what its disk tier held."""
+        port = port or free_port()
+        child = Child.llm_mesh(f"kvstore-{port}-{len(self.children)}", [
+            "kvstore", "--port", str(port), "--id", store_id, "--etcd", self.etcd, "--lease-ttl", str(lease_ttl),
+            "--ram-mib", str(ram_mib), "--disk-dir", str(disk_dir), "--disk-mib", "256", "--nixl", "off"],
+            self.log_dir, self.env)
+        child.start()
+        self.children.append(child)
+        address = f"127.0.0.1:{port}"
+        child.wait_ready(lambda: grpc_serving(address, tls=self.probe_tls), timeout)
+        return address, child
+
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
