@@ -218,11 +218,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         code = "OK"
         try:
             return await work()
-        except RpcError as error:
-            code = error.code.name
-            await abort(context, error)
-        except KVStoreError as exc:
-            error = core_error(exc)
+        except (RpcError, KVStoreError) as exc:
+            error = exc if isinstance(exc, RpcError) else core_error(exc)
             code = error.code.name
             await abort(context, error)
         finally:
@@ -362,11 +359,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 data = bytes(self.region[s.offset:s.offset + s.length])
                 self.metrics.moved("grpc", "read", len(data))
                 yield kvstore_pb2.GetBlocksResponse(block_hash=s.block_hash, data=data, checksum=s.checksum)
-        except RpcError as error:
-            code = error.code.name
-            await abort(context, error)
-        except KVStoreError as exc:
-            error = core_error(exc)
+        except (RpcError, KVStoreError) as exc:
+            error = exc if isinstance(exc, RpcError) else core_error(exc)
             code = error.code.name
             await abort(context, error)
         finally:

@@ -105,12 +105,17 @@ def topology(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def offloads_to(config: dict[str, Any], backend: str) -> bool:
+    """Whether a worker of the topology has kv_offload `backend` (only vLLM workers may)."""
+    users = [w for w in config["workers"] if w.get("kv_offload") == backend]
+    if any(w.get("engine", "vllm") != "vllm" for w in users):
+        raise SystemExit(f"kv_offload: {backend} is for vLLM workers only")
+    return bool(users)
+
+
 def lmcache_settings(config: dict[str, Any], args: argparse.Namespace) -> LMCacheServerSettings | None:
     """The lmcache server to start: None when no worker has kv_offload lmcache."""
-    users = [w for w in config["workers"] if w.get("kv_offload") == "lmcache"]
-    if any(w.get("engine", "vllm") != "vllm" for w in users):
-        raise SystemExit("kv_offload: lmcache is for vLLM workers only")
-    if not users:
+    if not offloads_to(config, "lmcache"):
         return None
     spec = dict(config.get("lmcache") or {})
     spec.setdefault("host", args.host)
@@ -125,10 +130,7 @@ def lmcache_settings(config: dict[str, Any], args: argparse.Namespace) -> LMCach
 def kvstore_child(config: dict[str, Any], args: argparse.Namespace, etcd: str,
                   log_dir: pathlib.Path) -> tuple[Child, str] | None:
     """The KV store to start (child, address): None when no worker has kv_offload store."""
-    users = [w for w in config["workers"] if w.get("kv_offload") == "store"]
-    if any(w.get("engine", "vllm") != "vllm" for w in users):
-        raise SystemExit("kv_offload: store is for vLLM workers only")
-    if not users:
+    if not offloads_to(config, "store"):
         return None
     spec = dict(config.get("kvstore") or {})
     port = int(spec.pop("port", args.kvstore_port))
