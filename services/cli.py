@@ -7,10 +7,17 @@ run(args) -> exit code; this file only wires them together.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
+import signal
 import sys
+
+# SIGUSR1 prints every thread's Python stack to stderr (the process's log), the process going
+# on: how a hang is read, in CI as anywhere (services/procs.py sends it to a child that is not
+# ready in time). Registered before any other import, so a hang in one shows too.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 # (subcommand, module, help)
 COMMANDS = [

@@ -84,7 +84,15 @@ class Child:
             if ready():
                 return
             time.sleep(interval)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {self.tail()}")
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {self.dump_stacks()}")
+
+    def dump_stacks(self, lines: int = 60) -> str:
+        """Ask the child for its Python stacks (SIGUSR1: faulthandler, registered by services/cli.py)
+        and return the log's tail with them: what a process that hangs is doing."""
+        if self.alive() and self.argv[1:3] == ["-m", "services.cli"]:
+            os.kill(self.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+        return self.tail(lines)
 
     def signal(self, sig: int) -> None:
         if self.alive():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import signal
+import time
 
 import pytest
 
@@ -14,14 +16,18 @@ from services.procs import Child, free_port, free_port_pair, grpc_serving  # noq
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failing test that used a mesh gets the log tails of its processes in the report:
-    a hang or an error in a worker is then readable in CI's output, not only on this disk."""
+    """A failing test that used a mesh gets its processes' Python stacks and log tails in the
+    report: a hang or an error in a worker is then readable in CI's output, not only on this disk."""
     report = yield
     if report.failed and call.when == "call":
-        for value in getattr(item, "funcargs", {}).values():
-            if isinstance(value, Mesh):
-                for child in value.children:
-                    report.sections.append((f"log tail: {child.name}", child.tail(40)))
+        children = [c for v in getattr(item, "funcargs", {}).values() if isinstance(v, Mesh) for c in v.children]
+        for child in children:  # their stacks first (SIGUSR1: services/cli.py), then the tails
+            if child.alive():
+                child.signal(signal.SIGUSR1)
+        if children:
+            time.sleep(1.0)
+        for child in children:
+            report.sections.append((f"log tail: {child.name}", child.tail(60)))
     return report
 
 
