@@ -231,6 +231,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
             kv_lease_s=args.kv_lease_s, kv_blocks=args.kv_blocks,
             kv_offload=args.kv_offload, kvstore_address=args.kvstore or "", kvstore_etcd=args.etcd,
             kvstore_transport=args.kvstore_transport, lmcache_url=args.lmcache_url,
+            # The store is a mesh process: the engine dials it, and reads its etcd record, as the worker does.
+            kvstore_tls=tls.from_args(args), kvstore_etcd_settings=etcd_settings(args),
         ))
     from services.engines.sim_engine import build_sim_engine
 

@@ -58,7 +58,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,8 @@ import torch
 
 from scheduler.block_hash import external_block_hash
 from services.kvstore_client import KVStoreClient, Pin, Slot
+from services.membership import EtcdSettings
+from services.tls import TlsFiles
 from vllm.v1.kv_offload.base import (CanonicalKVCaches, GPULoadStoreSpec, LoadStoreSpec, LookupResult,
                                      OffloadingManager, OffloadingSpec, OffloadingWorker, OffloadKey,
                                      OffloadPolicy, PrepareStoreOutput, ReqContext, RequestOffloadingContext,
@@ -86,15 +88,81 @@ STORE_SLICE_BLOCKS = 8
 
 TRANSPORTS = ("auto", "nixl", "grpc")
 
+# Where extra_config keeps the TLS files and etcd settings, and the fields each may hold.
+TLS_KEY, ETCD_SETTINGS_KEY = "kvstore_tls", "kvstore_etcd_settings"
+_TLS_FIELDS = tuple(f.name for f in dataclasses.fields(TlsFiles))
+_ETCD_FIELDS = tuple(f.name for f in dataclasses.fields(EtcdSettings))
+_NOT_FILES = ("server_name", "user")
+
 
 def extra_config(address: str, model: str, *, etcd: str = "", transport: str = "auto",
-                 pin_lease_s: float = DEFAULT_PIN_LEASE_S) -> dict[str, Any]:
+                 pin_lease_s: float = DEFAULT_PIN_LEASE_S, tls: TlsFiles | None = None,
+                 etcd_settings: EtcdSettings | None = None) -> dict[str, Any]:
     """`kv_connector_extra_config` of an OffloadingConnector that offloads to the store at
     `address`. `etcd` (comma-separated endpoints) is where the store's NIXL record is found;
-    without it, or with transport "grpc", blocks move over the gRPC bytes path."""
-    return {"spec_name": SPEC_NAME, "spec_module_path": __name__, "blocks_per_chunk": 1,
-            "kvstore_address": address, "kvstore_model": model, "kvstore_etcd": etcd,
-            "kvstore_transport": transport, "kvstore_pin_lease_s": pin_lease_s}
+    without it, or with transport "grpc", blocks move over the gRPC bytes path. `tls`: the
+    files the engine's clients dial the store with; `etcd_settings`: etcd TLS/auth for the
+    NIXL record lookup. Both travel as file paths (the engine's processes read them), never
+    as secrets; `connection_settings` turns them back into TlsFiles/EtcdSettings."""
+    config: dict[str, Any] = {
+        "spec_name": SPEC_NAME, "spec_module_path": __name__, "blocks_per_chunk": 1,
+        "kvstore_address": address, "kvstore_model": model, "kvstore_etcd": etcd,
+        "kvstore_transport": transport, "kvstore_pin_lease_s": pin_lease_s}
+    if tls is not None and tls.client_enabled:
+        config[TLS_KEY] = _set_fields(tls)
+    if etcd_settings is not None and (etcd_fields := _set_fields(etcd_settings)):
+        config[ETCD_SETTINGS_KEY] = etcd_fields
+    return config
+
+
+def _set_fields(settings: TlsFiles | EtcdSettings) -> dict[str, str]:
+    return {name: value for name, value in dataclasses.asdict(settings).items() if value}
+
+
+def connection_settings(extra: Mapping[str, Any]) -> tuple[TlsFiles | None, EtcdSettings | None]:
+    """The TLS files (None: plaintext) and etcd settings (None: plaintext, no auth) in an
+    `extra_config` dict: the one place both halves of the spec get them. A ValueError names
+    the offending key: an unknown field, a value that is not a path, a missing file, or a
+    half of a pair (cert without key; etcd cert without CA; etcd user without password file)."""
+    tls_fields = _fields(extra, TLS_KEY, _TLS_FIELDS)
+    etcd_fields = _fields(extra, ETCD_SETTINGS_KEY, _ETCD_FIELDS)
+    if bool(tls_fields.get("cert")) != bool(tls_fields.get("key")):
+        raise ValueError(f"{SPEC_NAME}: {TLS_KEY}.cert and {TLS_KEY}.key go together")
+    if tls_fields and not (tls_fields.get("cert") or tls_fields.get("ca")):
+        raise ValueError(f"{SPEC_NAME}: {TLS_KEY} needs a ca or a cert")
+    if (etcd_fields.get("cert") or etcd_fields.get("key")) and not etcd_fields.get("ca"):
+        raise ValueError(f"{SPEC_NAME}: {ETCD_SETTINGS_KEY}.cert/.key need {ETCD_SETTINGS_KEY}.ca")
+    if etcd_fields.get("user") and not etcd_fields.get("password_file"):
+        raise ValueError(f"{SPEC_NAME}: {ETCD_SETTINGS_KEY}.user needs {ETCD_SETTINGS_KEY}.password_file")
+    return (TlsFiles(**tls_fields) if tls_fields else None,
+            EtcdSettings(**etcd_fields) if etcd_fields else None)
+
+
+def _fields(extra: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    value = extra.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{SPEC_NAME}: {key} must be a mapping of {', '.join(allowed)}, "
+                         f"not {type(value).__name__}")
+    for name, item in value.items():
+        if name not in allowed:
+            raise ValueError(f"{SPEC_NAME}: unknown key {key}.{name} (known: {', '.join(allowed)})")
+        if not isinstance(item, str):
+            raise ValueError(f"{SPEC_NAME}: {key}.{name} must be a string, not {type(item).__name__}")
+        if item and name not in _NOT_FILES and not pathlib.Path(item).is_file():
+            raise ValueError(f"{SPEC_NAME}: {key}.{name}: file not found: {item}")
+    return {name: item for name, item in value.items() if item}
+
+
+def store_nixl_record(address: str, etcd: str, etcd_settings: EtcdSettings | None = None) -> Any:
+    """The NIXL record (membership_pb2.NixlAgentMetadata) of the store registered at `address`,
+    read from etcd with `etcd_settings`; LookupError when it has none."""
+    from services.kvstore_client import list_stores, store_nixl_metadata
+
+    stores = [m for m in list_stores(etcd, etcd_settings).values() if m.address == address]
+    metadata = store_nixl_metadata(etcd, stores[0].id, etcd_settings) if stores else None
+    if metadata is None:
+        raise LookupError(f"no NIXL record of the store at {address} in etcd")
+    return metadata
 
 
 def block_hash_of(key: OffloadKey) -> int:
@@ -375,14 +443,14 @@ class StoreWorker(OffloadingWorker):
     """
 
     def __init__(self, kv_caches: CanonicalKVCaches, client: KVStoreClient, model: str, layout: str,
-                 transport: str = "auto", etcd: str = "") -> None:
+                 transport: str = "auto", etcd: str = "", etcd_settings: EtcdSettings | None = None) -> None:
         self._tensors: list[torch.Tensor] = [t.tensor for t in kv_caches.tensors]
         for t in self._tensors:
             if t.device.type != "cpu" or t.dim() != 2 or t.dtype != torch.int8 or t.stride(1) != 1:
                 raise ValueError(f"KV tensor {t.shape} {t.dtype} on {t.device}: host int8 (blocks, page) expected")
         self.block_bytes = sum(t.shape[1] for t in self._tensors)
         self._client, self._model, self._layout = client, model, layout
-        self._transport, self._etcd = transport, etcd
+        self._transport, self._etcd, self._etcd_settings = transport, etcd, etcd_settings
         self._nixl: _NixlPath | None = None
         self.path = "grpc"  # what the jobs use ("nixl" once connected)
         self._loads: collections.deque[tuple[int, list[int], StoreBlocks]] = collections.deque()
@@ -437,12 +505,7 @@ class StoreWorker(OffloadingWorker):
             log.info("KV store data path: %s", self.path)
             return
         try:
-            from services.kvstore_client import list_stores, store_nixl_metadata
-
-            stores = [m for m in list_stores(self._etcd).values() if m.address == self._client.address]
-            metadata = store_nixl_metadata(self._etcd, stores[0].id) if stores else None
-            if metadata is None:
-                raise LookupError(f"no NIXL record of the store at {self._client.address} in etcd")
+            metadata = store_nixl_record(self._client.address, self._etcd, self._etcd_settings)
             self._nixl = _NixlPath(self._tensors, metadata)
             self.path = "nixl"
         except Exception as exc:  # noqa: BLE001
@@ -606,19 +669,27 @@ class MeshKVStoreSpec(OffloadingSpec):
         if self.transport not in TRANSPORTS:
             raise ValueError(f"{SPEC_NAME}: kvstore_transport {self.transport!r} (one of {', '.join(TRANSPORTS)})")
         self.etcd = str(extra.get("kvstore_etcd", ""))
+        self.tls, self.etcd_settings = connection_settings(extra)
         self.layout = layout_of(config)
         self._manager: StoreManager | None = None
         self._worker: StoreWorker | None = None
 
     def get_manager(self) -> OffloadingManager:
         if self._manager is None:
-            self._manager = StoreManager(KVStoreClient(self.address), self.model, self.layout, self.pin_lease_s,
+            self._manager = StoreManager(self.store_client(), self.model, self.layout, self.pin_lease_s,
                                          self.tokens_per_hash)
-            log.info("KV offload to the store at %s, layout %s", self.address, self.layout)
+            log.info("KV offload to the store at %s (%s), layout %s", self.address,
+                     "TLS" if self.tls is not None else "plaintext", self.layout)
         return self._manager
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
         if self._worker is None:
-            self._worker = StoreWorker(kv_caches, KVStoreClient(self.address), self.model, self.layout,
-                                       transport=self.transport, etcd=self.etcd)
+            self._worker = StoreWorker(kv_caches, self.store_client(), self.model, self.layout,
+                                       transport=self.transport, etcd=self.etcd,
+                                       etcd_settings=self.etcd_settings)
         return self._worker
+
+    def store_client(self) -> KVStoreClient:
+        """A client of the store with the TLS files from extra_config (each half, in its own
+        process, dials its own)."""
+        return KVStoreClient(self.address, tls=self.tls)

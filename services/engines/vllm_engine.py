@@ -63,6 +63,8 @@ from services.engines.base import (AllBlocksCleared, BlockRemoved, BlockStored, 
                                    KVTransferParams)
 from services.engines.cpu_affinity import deprioritize_idle_spinners, parse_cpu_list, restore_engine_cores
 from services.engines.nixl_handshake import fetch_nixl_metadata
+from services.membership import EtcdSettings
+from services.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,10 @@ class VllmSettings:
     # and the data path: "auto" (NIXL if the store serves it), "nixl" or "grpc".
     kvstore_etcd: str = ""
     kvstore_transport: str = "auto"
+    # How the engine's store clients dial the store (the worker's --tls-* files; None: plaintext)
+    # and reach etcd for the store's NIXL record (its --etcd-* settings). File paths only.
+    kvstore_tls: TlsFiles | None = None
+    kvstore_etcd_settings: EtcdSettings | None = None
     # kv_offload "lmcache": the `lmcache server`'s ZMQ endpoint (services/engines/lmcache_backend.py).
     lmcache_url: str = "tcp://127.0.0.1:5555"
 
@@ -158,10 +164,10 @@ class VllmEngine(Engine):
         )
         stats = self._stats
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda cfg, idx: _StatsRecorder(stats)])
-        if s.role != "both" or s.kv_offload == "store":
+        if s.role != "both":
             # vLLM's NIXL connector re-pins the model thread and leaves a busy-polling
-            # progress thread on the engine's core (so does the KV store's NIXL link,
-            # services/engines/kv_offload.py): undo both (services/engines/cpu_affinity.py).
+            # progress thread on the engine's core: undo both (services/engines/cpu_affinity.py).
+            # (The KV store's NIXL link has no progress thread: services/kvstore_nixl.py.)
             cores = parse_cpu_list(s.cpu_cores)
             if cores is not None:
                 restore_engine_cores(cores)
@@ -324,8 +330,10 @@ def kv_transfer_config(s: VllmSettings) -> KVTransferConfig | None:
 def _store_offload_config(s: VllmSettings) -> KVTransferConfig:
     from services.engines.kv_offload import extra_config
     return KVTransferConfig(kv_connector="OffloadingConnector", kv_role="kv_both", kv_buffer_device="cpu",
-                            kv_connector_extra_config=extra_config(s.kvstore_address, s.model_name, etcd=s.kvstore_etcd,
-                                                                   transport=s.kvstore_transport))
+                            kv_connector_extra_config=extra_config(
+                                s.kvstore_address, s.model_name, etcd=s.kvstore_etcd,
+                                transport=s.kvstore_transport, tls=s.kvstore_tls,
+                                etcd_settings=s.kvstore_etcd_settings))
 
 
 def _nixl_config(s: VllmSettings) -> KVTransferConfig:
