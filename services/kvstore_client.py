@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import zlib
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
 from google.protobuf import json_format
 
+from kvstore.types import checksum
 from llm_mesh.v1 import kvstore_pb2, kvstore_pb2_grpc, membership_pb2, worker_pb2
 from services.grpc_util import CHANNEL_OPTIONS
 from services.membership import (EtcdConnection, EtcdSettings, decode, kind_prefix, nixl_metadata_key,
@@ -73,7 +73,7 @@ def _put_messages(model: str, layout: str, blocks: Iterable[tuple[int, bytes | m
     for block_hash, data in blocks:
         data = bytes(data)
         request = kvstore_pb2.PutBlocksRequest(block_hash=block_hash, data=data,
-                                               checksum=zlib.crc32(data) if with_checksums else 0)
+                                               checksum=checksum(data) if with_checksums else 0)
         if first:
             request.model, request.layout, request.start_position, first = model, layout, start, False
             if parent is not None:
@@ -84,7 +84,7 @@ def _put_messages(model: str, layout: str, blocks: Iterable[tuple[int, bytes | m
 def _verified(responses: Iterable[kvstore_pb2.GetBlocksResponse]) -> list[tuple[int, bytes]]:
     out = []
     for r in responses:
-        if zlib.crc32(r.data) != r.checksum:
+        if checksum(r.data) != r.checksum:
             break  # damaged in flight: the run ends here (as a corrupt block ends it in the store)
         out.append((r.block_hash, r.data))
     return out

@@ -31,12 +31,12 @@ import logging
 import os
 import sys
 import time
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from kvstore.types import checksum
 from llm_mesh.v1 import membership_pb2
 
 DRAM = "DRAM"
@@ -231,12 +231,12 @@ def roundtrip(address: str, etcd: list[str], store_id: str, model: str, layout: 
         index = {h: i for i, h in enumerate(hashes)}
         link.transfer("WRITE", peer, [(src.ctypes.data + index[s.block_hash] * block_bytes, s.offset, s.length)
                                       for s in reservation.slots])
-        crcs = [zlib.crc32(src[index[s.block_hash] * block_bytes:][:block_bytes]) for s in reservation.slots]
+        crcs = [checksum(src[index[s.block_hash] * block_bytes:][:block_bytes]) for s in reservation.slots]
         committed, rejected = client.commit(reservation.write_id, crcs)
         pin = client.pin(model, layout, hashes)
         link.transfer("READ", peer, [(dst.ctypes.data + i * block_bytes, s.offset, s.length)
                                      for i, s in enumerate(pin.slots)])
-        checksums_ok = all(s.checksum == zlib.crc32(dst[i * block_bytes:][:block_bytes])
+        checksums_ok = all(s.checksum == checksum(dst[i * block_bytes:][:block_bytes])
                            for i, s in enumerate(pin.slots))
         client.unpin(pin.pin_id)
         return {"reserved": len(reservation.slots), "committed": committed, "rejected": rejected,
@@ -269,7 +269,7 @@ def measure_throughput(address: str, etcd: Sequence[str], store_id: str, *, bloc
     times: dict[str, list[float]] = {k: [] for k in paths}
     verified = True
     blocks_view = [src[i * block_bytes:(i + 1) * block_bytes] for i in range(blocks)]
-    crcs = [zlib.crc32(b) for b in blocks_view]
+    crcs = [checksum(b) for b in blocks_view]
     try:
         peer = link.add_store(metadata)
         for it in range(warmup + iterations):

@@ -57,13 +57,13 @@ import pathlib
 import queue
 import threading
 import time
-import zlib
 from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from kvstore.types import checksum
 from scheduler.block_hash import external_block_hash
 from services.kvstore_client import KVStoreClient, Pin, Slot
 from services.membership import EtcdSettings
@@ -486,7 +486,7 @@ class StoreWorker(OffloadingWorker):
     def _crc(self, block_id: int) -> int:
         crc = 0
         for t in self._tensors:
-            crc = zlib.crc32(t[block_id].numpy(), crc)
+            crc = checksum(t[block_id].numpy(), crc)
         return crc
 
     def _write_block(self, block_id: int, data: bytes) -> None:
