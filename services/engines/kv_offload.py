@@ -573,14 +573,21 @@ class StoreWorker(OffloadingWorker):
             write_id = reservation.write_id
             engine_block = dict(zip(hashes, block_ids))
             slots = list(reservation.slots)  # blocks the store already holds are left out
+            checksums: list[int] = []
             for i in range(0, len(slots), STORE_SLICE_BLOCKS):
                 part = slots[i:i + STORE_SLICE_BLOCKS]
                 self._nixl.move("WRITE", [engine_block[s.block_hash] for s in part], part)  # type: ignore[union-attr]
+                checksums += [self._crc(engine_block[s.block_hash]) for s in part]
                 self._loads_first()
             if slots:
-                # No writer checksums: the store computes them from what landed (on its own
-                # core), sparing the engine's core ~3 ms per 6 MB. Reads are still verified.
-                self._client.commit(write_id)
+                # The writer's checksums, from the engine's copy: the store rejects a slot whose
+                # landed bytes differ. A store that checksummed whatever its slot held at commit
+                # would, for a WRITE not yet visible there, certify the slot's old bytes, and a
+                # reader's check would then pass on wrong KV (seen: garbage tokens from a hit).
+                _, rejected = self._client.commit(write_id, checksums)
+                if rejected:
+                    log.warning("KV store: %d of %d blocks of store job %d rejected at commit (their bytes had "
+                                "not landed); they stay unstored", len(rejected), len(slots), job_id)
             elif write_id:  # nothing to write (all stored already): an empty reservation may have no id
                 self._client.abort(write_id)
             return True

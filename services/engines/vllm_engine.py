@@ -164,10 +164,10 @@ class VllmEngine(Engine):
         )
         stats = self._stats
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[lambda cfg, idx: _StatsRecorder(stats)])
-        if s.role != "both":
+        if s.role != "both" or s.kv_offload == "store":
             # vLLM's NIXL connector re-pins the model thread and leaves a busy-polling
-            # progress thread on the engine's core: undo both (services/engines/cpu_affinity.py).
-            # (The KV store's NIXL link has no progress thread: services/kvstore_nixl.py.)
+            # progress thread on the engine's core (so does the KV store's NIXL link,
+            # services/kvstore_nixl.py): undo both (services/engines/cpu_affinity.py).
             cores = parse_cpu_list(s.cpu_cores)
             if cores is not None:
                 restore_engine_cores(cores)
