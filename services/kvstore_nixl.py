@@ -116,10 +116,11 @@ class NixlStoreLink:
     engine's KV tensors on CPU). Not thread-safe: use it from one thread."""
 
     def __init__(self, name: str, local: Sequence[tuple[int, int]]) -> None:
-        # A progress thread too, though this side posts every transfer and polls it: without one,
-        # loads were steadier (13 engine loads of 35 MB all under 80 ms, vs 1.5 s and 3.6 s in 2
-        # of 8 with its SCHED_IDLE poller starved by the busy-stepping engine), but the store
-        # stalled > 10 s (its etcd lease lapsed) in 3 of 4 runs. Not understood yet: kept on.
+        # A progress thread too, though this side posts every transfer and polls it. Without one,
+        # engine loads were steadier (13 of 35 MB all under 80 ms, vs 1.5 s and 3.6 s in 2 of 8
+        # with its SCHED_IDLE poller starved by the busy-stepping engine); kept on until the
+        # store's 5-15 s stalls around an engine's start (seen with and without it, and over
+        # gRPC) are understood, as they were first blamed on this.
         self.agent = _new_agent(f"{name}-{os.getpid()}", progress_thread=True)
         self._local = [(int(a), int(n)) for a, n in local]
         self._registered = self.agent.register_memory([(a, n, 0, "") for a, n in self._local], DRAM)
