@@ -36,7 +36,10 @@ pytestmark = pytest.mark.timeout(300)
 RSS_GROWTH_BOUND_MB = 200
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 MB = 1024 * 1024
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+# Examples per property: 40 in `make test`; LLM_MESH_FUZZ_EXAMPLES=1700 is the long campaign
+# (6 properties: > 10,000 hostile inputs).
+FUZZ = settings(max_examples=int(os.environ.get("LLM_MESH_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True,
+                database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 BAD_GRPC_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 # gRPC channels to the mesh: room to send oversized messages, so the *server's* limit is what is tested.
