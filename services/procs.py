@@ -84,15 +84,7 @@ class Child:
             if ready():
                 return
             time.sleep(interval)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {self.dump_stacks()}")
-
-    def dump_stacks(self, lines: int = 60) -> str:
-        """Ask the child for its Python stacks (SIGUSR1: faulthandler, registered by services/cli.py)
-        and return the log's tail with them: what a process that hangs is doing."""
-        if self.alive() and self.argv[1:3] == ["-m", "services.cli"]:
-            os.kill(self.pid, signal.SIGUSR1)
-            time.sleep(1.0)
-        return self.tail(lines)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s: {dump_stacks([self])[0]}")
 
     def signal(self, sig: int) -> None:
         if self.alive():
@@ -129,6 +121,19 @@ class Child:
         except OSError:
             return "(no log)"
         return "\n".join(text[-lines:])
+
+
+
+def dump_stacks(children: Sequence[Child], lines: int = 60) -> list[str]:
+    """Ask each living `llm-mesh` child for its Python stacks (SIGUSR1: faulthandler, registered
+    by services/cli.py), wait once, and return each one's log tail with them: what a process
+    that hangs is doing. Other children are not signalled (SIGUSR1 would end them)."""
+    asked = [c for c in children if c.alive() and c.argv[1:3] == ["-m", "services.cli"]]
+    for child in asked:
+        child.signal(signal.SIGUSR1)
+    if asked:
+        time.sleep(1.0)
+    return [child.tail(lines) for child in children]
 
 
 def grpc_serving(address: str, timeout: float = 1.0, tls: TlsFiles | None = None) -> bool:

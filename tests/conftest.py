@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import pathlib
-import signal
-import time
 
 import pytest
 
 from services.etcd_server import EtcdServer
 from services.local_mesh import SIM_ARGS, Mesh, start_mesh  # noqa: F401 - re-exported
 from services.model_fetch import default_model_dir, ensure_model
-from services.procs import Child, free_port, free_port_pair, grpc_serving  # noqa: F401 - re-exported
+from services.procs import Child, dump_stacks, free_port, free_port_pair, grpc_serving  # noqa: F401 - re-exported
 
 
 @pytest.hookimpl(wrapper=True)
@@ -21,13 +19,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     if report.failed and call.when == "call":
         children = [c for v in getattr(item, "funcargs", {}).values() if isinstance(v, Mesh) for c in v.children]
-        for child in children:  # their stacks first (SIGUSR1: services/cli.py), then the tails
-            if child.alive():
-                child.signal(signal.SIGUSR1)
-        if children:
-            time.sleep(1.0)
-        for child in children:
-            report.sections.append((f"log tail: {child.name}", child.tail(60)))
+        for child, tail in zip(children, dump_stacks(children)):
+            report.sections.append((f"log tail: {child.name}", tail))
     return report
 
 
