@@ -148,6 +148,9 @@ async def test_worker_ready_only_while_registered(etcd, tmp_path) -> None:
 
             worker.signal(signal.SIGTERM)
             assert await watch.next(5) == NOT_SERVING  # on an open stream, before the server stops
+        # It exits by itself, cleanly: stop() would send a second SIGTERM, which after the event
+        # loop has closed (its handlers gone) ends the process with -15 during its last teardown.
+        assert await asyncio.to_thread(worker.process.wait, 30) == 0, worker.tail()
     finally:
         assert worker.stop() == 0, worker.tail()
 
