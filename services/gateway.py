@@ -68,7 +68,7 @@ from starlette.routing import Route
 from llm_mesh.v1 import inference_pb2, inference_pb2_grpc
 from services import auth, security, tls, tracing
 from services.gateway_metrics import GatewayMetrics
-from services.grpc_util import CHANNEL_OPTIONS
+from services.grpc_util import CHANNEL_OPTIONS, run_service
 from services.openai_rest import (
     ApiError, Envelope, chat_chunk_json, chat_completion_json, chat_request, completion_json, completion_request,
     from_rpc_error, models_json, read_json_object, usage_json,
@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
     security.configure(args)
     tracing.setup_tracing("llm-mesh-gateway")
     try:
-        asyncio.run(_serve(args))
+        run_service(_serve(args))
     finally:
         tracing.shutdown_tracing()  # after SIGTERM too: _serve returns once uvicorn has stopped
     return 0

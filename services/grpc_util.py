@@ -7,7 +7,7 @@ import asyncio
 import inspect
 import signal
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -167,6 +167,28 @@ def invalid(message: str, field: str | None = None) -> RpcError:
 
 async def abort(context: grpc.aio.ServicerContext, error: RpcError) -> None:
     await context.abort_with_status(error.status())
+
+
+def run_service(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine to its end (asyncio.run), then ignore SIGINT/SIGTERM.
+
+    The process is already stopping once `main` returns; without a handler (the loop takes its
+    own away when it closes) a second stop signal, e.g. a supervisor's SIGTERM right after ours,
+    would end it mid-teardown with -SIGTERM instead of 0. (uvloop was measured here and left out:
+    `bench scheduler --only rps` gave the same requests/s and CPU per request on both loops.)"""
+
+    async def until_stopped() -> None:
+        try:
+            await main
+        finally:
+            loop, stops = asyncio.get_running_loop(), {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # none lands between the two dispositions
+            for sig in stops:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+
+    asyncio.run(until_stopped())
 
 
 def stop_event_on_signals() -> asyncio.Event:

@@ -46,7 +46,7 @@ from kvstore.types import REMOVED, STORED, ChunkKey, Event, Stats
 from llm_mesh.v1 import kvstore_pb2, kvstore_pb2_grpc, membership_pb2, worker_pb2
 from services import __version__, security, tls
 from services.engines.base import BlockRemoved, BlockStored
-from services.grpc_util import MAX_MESSAGE_BYTES, RpcError, abort, invalid, make_server, stop_event_on_signals
+from services.grpc_util import MAX_MESSAGE_BYTES, RpcError, abort, invalid, make_server, run_service, stop_event_on_signals
 from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, KVEventLog
 from services.kvstore_chunks import ChunkPublisher
 from services.kvstore_metrics import KVStoreMetrics
@@ -426,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
     security.configure(args)
     setup_tracing("llm-mesh-kvstore")
     try:
-        asyncio.run(serve(args))
+        run_service(serve(args))
     finally:
         shutdown_tracing()
     return 0

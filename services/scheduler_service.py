@@ -27,7 +27,7 @@ from scheduler.policies import POLICY_NAMES, policy_by_name
 from scheduler.profile import load_profile
 from scheduler.resilience import RetryPolicy
 from services import __version__, auth, security, tls, tracing
-from services.grpc_util import RpcError, abort, make_server, stop_event_on_signals
+from services.grpc_util import RpcError, abort, make_server, run_service, stop_event_on_signals
 from services.membership import DEFAULT_TTL_S, Registration, etcd_settings, parse_endpoints
 from services.metrics import watch_lease
 from services.openai_format import chat_chunks, chat_completion, completion, completion_chunks
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     security.configure(args)
     tracing.setup_tracing("llm-mesh-scheduler")
     try:
-        asyncio.run(serve(args))
+        run_service(serve(args))
     finally:
         tracing.shutdown_tracing()  # after SIGTERM too: serve returns once drained
     return 0

@@ -27,7 +27,7 @@ from google.protobuf import json_format
 from llm_mesh.v1 import membership_pb2, sampling_pb2, worker_pb2, worker_pb2_grpc
 from services import __version__, security, tls
 from services.engines.base import Engine, EngineInfo, EngineRequest, KVTransferParams, SamplingOptions
-from services.grpc_util import RpcError, abort, invalid, make_server, stop_event_on_signals
+from services.grpc_util import RpcError, abort, invalid, make_server, run_service, stop_event_on_signals
 from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, KVEventLog
 from services.readiness import Readiness
 from services.requests import check_sampling, show
@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     security.configure(args)
     setup_tracing("llm-mesh-worker")
     try:
-        asyncio.run(serve(args))
+        run_service(serve(args))
     finally:
         shutdown_tracing()  # after SIGTERM too: serve returns once drained
     return 0

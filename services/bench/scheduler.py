@@ -326,16 +326,19 @@ async def _client(address: str, model: str, concurrency: int, warmup: float, dur
         await asyncio.sleep(0.01)
     t_measure = time.perf_counter() + warmup
     t_end = t_measure + duration
+    cpu_at_measure: float | None = None
     lat: list[float] = []
     done = errors = 0
     error_kinds: dict[str, int] = {}
 
     async def loop(stub) -> None:
-        nonlocal done, errors
+        nonlocal done, errors, cpu_at_measure
         while True:
             now = time.perf_counter()
             if now >= t_end:
                 return
+            if cpu_at_measure is None and now >= t_measure:
+                cpu_at_measure = time.process_time()
             ids = rng.choice(heads) + [rng.randrange(1, vocab) for _ in range(prompt_tokens - prompt_tokens // 2)]
             request = inference_pb2.GenerateRequest(model=model, token_ids=inference_pb2.TokenIds(ids=ids),
                                                     sampling=sampling_pb2.SamplingParams(max_tokens=1))
@@ -358,10 +361,11 @@ async def _client(address: str, model: str, concurrency: int, warmup: float, dur
     try:
         stubs = [inference_pb2_grpc.InferenceStub(c) for c in channels]
         await asyncio.gather(*(loop(stubs[i % len(stubs)]) for i in range(concurrency)))
+        cpu_s = time.process_time() - (cpu_at_measure or 0.0)
     finally:
         for c in channels:
             await c.close()
-    return {"done": done, "errors": errors, "error_kinds": error_kinds, "latencies": lat}
+    return {"done": done, "errors": errors, "error_kinds": error_kinds, "latencies": lat, "cpu_s": cpu_s}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -414,9 +418,12 @@ def bench_rps(args: argparse.Namespace) -> dict:
             clients.append(p)
         while time.time() < start_at + args.warmup:
             time.sleep(0.01)
+        workers = children[:-1]
         cpu0, w0 = _cpu_seconds(scheduler.pid), time.perf_counter()
+        workers_cpu0 = sum(_cpu_seconds(w.pid) for w in workers)
         results = [queue.get(timeout=args.warmup + args.duration + 120) for _ in clients]
         cpu_s = _cpu_seconds(scheduler.pid) - cpu0
+        workers_cpu_s = sum(_cpu_seconds(w.pid) for w in workers) - workers_cpu0
         window = min(time.perf_counter() - w0, args.duration)
         for p in clients:
             p.join(10)
@@ -444,6 +451,9 @@ def bench_rps(args: argparse.Namespace) -> dict:
            # CPU the scheduler process spent per completed request, and the rate one whole core would allow
            "scheduler_cpu_ms_per_request": cpu_s * 1e3 / done if done else float("nan"),
            "one_core_ceiling_per_s": done / cpu_s if cpu_s > 0 else float("nan"),
+           # what shares the machine with it: the load generator and the sim workers
+           "clients_cpu_ms_per_request": sum(r["cpu_s"] for r in results) * 1e3 / done if done else float("nan"),
+           "workers_cpu_ms_per_request": workers_cpu_s * 1e3 / done if done else float("nan"),
            "cores": os.cpu_count()}
     if lat:
         out.update({f"latency_{k}": v for k, v in _lat_summary(lat).items() if k != "n"})
@@ -451,7 +461,8 @@ def bench_rps(args: argparse.Namespace) -> dict:
           f"p50 {out.get('latency_p50_ms', float('nan')):.1f} ms, p99 {out.get('latency_p99_ms', float('nan')):.1f} ms, "
           f"scheduler CPU {out['scheduler_cpu_util']:.0%} of one core, "
           f"{out['scheduler_cpu_ms_per_request']:.2f} ms CPU/request (one full core: "
-          f"{out['one_core_ceiling_per_s']:,.0f} req/s)", flush=True)
+          f"{out['one_core_ceiling_per_s']:,.0f} req/s); clients {out['clients_cpu_ms_per_request']:.2f}, "
+          f"workers {out['workers_cpu_ms_per_request']:.2f} ms CPU/request", flush=True)
     return out
 
 

@@ -210,3 +210,23 @@ async def test_scheduler_ready_only_with_a_routable_worker(etcd, tmp_path, model
         for child in [scheduler, *workers]:
             child.signal(signal.SIGCONT)
             child.stop()
+
+
+async def test_stop_signals_repeated_until_exit_still_exit_cleanly(etcd, tmp_path) -> None:
+    """A supervisor may signal again while a process winds down (Kubernetes and `llm-mesh up`
+    both can): SIGTERM every 5 ms until the worker exits, through its drain, its loop's close and
+    its last teardown. Without a handler after the loop closes, one of them ends it with -15."""
+    etcd.start()
+    address, worker = start_worker(etcd.endpoint, tmp_path, "--drain-seconds", "0.5")
+    try:
+        await until(address, "", SERVING, 60)
+        sent = 0
+        while worker.process.poll() is None:
+            worker.signal(signal.SIGTERM)
+            sent += 1
+            await asyncio.sleep(0.005)
+            assert sent < 6000, "the worker did not exit within 30 s"
+        assert sent > 1
+        assert worker.process.returncode == 0, worker.tail()
+    finally:
+        worker.stop()
