@@ -118,37 +118,40 @@ class KVStoreClient:
 
     def reserve(self, model: str, layout: str, block_bytes: int, hashes: Sequence[int],
                 lease_s: float = 0.0, *, start: int = 0,
-                parent: int | None = None) -> Reservation:
+                parent: int | None = None, timeout_s: float | None = None) -> Reservation:
         """Slots for `hashes`, which start at position `start` of their sequence (`parent`: the
         hash before them, required when start > 0) — so the store's chunk records stay aligned."""
         r = self.stub.ReserveWrite(kvstore_pb2.ReserveWriteRequest(
             chain=_chain(model, layout, hashes), block_bytes=block_bytes, lease_s=lease_s,
-            start_position=start, parent_block_hash=parent), timeout=self.timeout_s)
+            start_position=start, parent_block_hash=parent), timeout=timeout_s or self.timeout_s)
         return Reservation(r.write_id, _slots(r.slots), r.lease_s)
 
-    def commit(self, write_id: str, checksums: Sequence[int] | None = None) -> tuple[int, list[int]]:
+    def commit(self, write_id: str, checksums: Sequence[int] | None = None,
+               timeout_s: float | None = None) -> tuple[int, list[int]]:
         """(committed, rejected block hashes). `checksums`: CRC-32 per slot from the writer's copy."""
         r = self.stub.CommitWrite(kvstore_pb2.CommitWriteRequest(write_id=write_id, checksums=checksums or []),
-                                  timeout=self.timeout_s)
+                                  timeout=timeout_s or self.timeout_s)
         return r.committed, list(r.rejected_block_hashes)
 
-    def abort(self, write_id: str) -> None:
-        self.stub.AbortWrite(kvstore_pb2.AbortWriteRequest(write_id=write_id), timeout=self.timeout_s)
+    def abort(self, write_id: str, timeout_s: float | None = None) -> None:
+        self.stub.AbortWrite(kvstore_pb2.AbortWriteRequest(write_id=write_id), timeout=timeout_s or self.timeout_s)
 
-    def pin(self, model: str, layout: str, hashes: Sequence[int], lease_s: float = 0.0) -> Pin:
+    def pin(self, model: str, layout: str, hashes: Sequence[int], lease_s: float = 0.0,
+            timeout_s: float | None = None) -> Pin:
         r = self.stub.Pin(kvstore_pb2.PinRequest(chain=_chain(model, layout, hashes), lease_s=lease_s),
-                          timeout=self.timeout_s)
+                          timeout=timeout_s or self.timeout_s)
         return Pin(r.pin_id, _slots(r.slots), r.lease_s)
 
-    def unpin(self, pin_id: str) -> None:
-        self.stub.Unpin(kvstore_pb2.UnpinRequest(pin_id=pin_id), timeout=self.timeout_s)
+    def unpin(self, pin_id: str, timeout_s: float | None = None) -> None:
+        self.stub.Unpin(kvstore_pb2.UnpinRequest(pin_id=pin_id), timeout=timeout_s or self.timeout_s)
 
     def put(self, model: str, layout: str, blocks: Iterable[tuple[int, bytes | memoryview]],
-            with_checksums: bool = True, *, start: int = 0, parent: int | None = None) -> tuple[int, list[int]]:
+            with_checksums: bool = True, *, start: int = 0, parent: int | None = None,
+            timeout_s: float | None = None) -> tuple[int, list[int]]:
         """The gRPC bytes path: (hash, bytes) blocks in chain order, the first at position `start` of
         its sequence (`parent`: the hash before it). Returns (newly stored, rejected block hashes)."""
         r = self.stub.PutBlocks(_put_messages(model, layout, blocks, with_checksums, start, parent),
-                                timeout=self.timeout_s)
+                                timeout=timeout_s or self.timeout_s)
         return r.stored, list(r.rejected_block_hashes)
 
     def get(self, model: str, layout: str, hashes: Sequence[int]) -> list[tuple[int, bytes]]:
@@ -184,7 +187,7 @@ class AsyncKVStoreClient:
         hash before them, required when start > 0) — so the store's chunk records stay aligned."""
         r = await self.stub.ReserveWrite(kvstore_pb2.ReserveWriteRequest(
             chain=_chain(model, layout, hashes), block_bytes=block_bytes, lease_s=lease_s,
-            start_position=start, parent_block_hash=parent), timeout=self.timeout_s)
+            start_position=start, parent_block_hash=parent), timeout=timeout_s or self.timeout_s)
         return Reservation(r.write_id, _slots(r.slots), r.lease_s)
 
     async def commit(self, write_id: str, checksums: Sequence[int] | None = None) -> tuple[int, list[int]]:

@@ -33,7 +33,14 @@ bytes per block) and model name. A store block is the engine block's per-layer
 pages concatenated in vLLM's tensor order, whichever path wrote it.
 
 Failures: a store that cannot be reached answers MISS (the engine recomputes) and
-drops stores. Every block read is checked against the store's CRC-32 before vLLM
+drops stores. A store that does not answer in time (a lookup within
+`kvstore_lookup_timeout_s`, 1 s; a write call within `kvstore_write_timeout_s`, 2 s)
+counts as unreachable, and each half then keeps off it for a cool-down (a circuit, the
+same one the scheduler keeps per worker: 1 s, doubling to 30 s while it stays silent):
+lookups answer MISS at once and stores are dropped, so a stalled store costs one
+request one timeout, not every request a wait (seen here: a store unanswered for
+5–15 s around an engine's start queued each new request's lookup behind the last one's
+10 s deadline). Every block read is checked against the store's CRC-32 before vLLM
 uses it. vLLM 0.32's OffloadingConnector has no way to report a failed load (it
 asserts success), so a load that fails after its pin (the store died mid-read)
 is read again over gRPC, twice, and then fails the engine step: loud, never
@@ -60,11 +67,13 @@ import time
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
 
 from kvstore.types import checksum
 from scheduler.block_hash import external_block_hash
+from scheduler.resilience import Circuit
 from services.kvstore_client import KVStoreClient, Pin, Slot
 from services.membership import EtcdSettings
 from services.tls import TlsFiles
@@ -79,11 +88,25 @@ log = logging.getLogger(f"vllm.llm_mesh.{__name__}")
 
 SPEC_NAME = "MeshKVStoreSpec"
 DEFAULT_PIN_LEASE_S = 120.0
+# A lookup (Pin) is an index walk in the store's RAM (milliseconds): one that takes a second
+# waits longer than a hit saves on short prompts. Write calls (reserve, commit, an 8-block put)
+# get twice that. Loads keep the client's 10 s: vLLM cannot be told a load failed.
+DEFAULT_LOOKUP_TIMEOUT_S = 1.0
+DEFAULT_WRITE_TIMEOUT_S = 2.0
 # Hashes this engine stored, so a block is not put twice (bounded, oldest forgotten first).
 _STORED_MEMORY = 200_000
 # A store job moves this many blocks at a time, so a load that arrives meanwhile waits for one
 # slice (~6 MB for SmolLM2), not for a whole prompt's write-through.
 STORE_SLICE_BLOCKS = 8
+# What a store that does not answer looks like to a client (its circuit opens on these).
+_UNANSWERED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
+
+
+def _brief(exc: Exception) -> str:
+    """An RPC error as its code and details (grpc's str() of one spans lines), others as str()."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    return str(exc)
 
 
 TRANSPORTS = ("auto", "nixl", "grpc")
@@ -97,7 +120,8 @@ _NOT_FILES = ("server_name", "user")
 
 def extra_config(address: str, model: str, *, etcd: str = "", transport: str = "auto",
                  pin_lease_s: float = DEFAULT_PIN_LEASE_S, tls: TlsFiles | None = None,
-                 etcd_settings: EtcdSettings | None = None) -> dict[str, Any]:
+                 etcd_settings: EtcdSettings | None = None, lookup_timeout_s: float = DEFAULT_LOOKUP_TIMEOUT_S,
+                 write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S) -> dict[str, Any]:
     """`kv_connector_extra_config` of an OffloadingConnector that offloads to the store at
     `address`. `etcd` (comma-separated endpoints) is where the store's NIXL record is found;
     without it, or with transport "grpc", blocks move over the gRPC bytes path. `tls`: the
@@ -107,7 +131,8 @@ def extra_config(address: str, model: str, *, etcd: str = "", transport: str = "
     config: dict[str, Any] = {
         "spec_name": SPEC_NAME, "spec_module_path": __name__, "blocks_per_chunk": 1,
         "kvstore_address": address, "kvstore_model": model, "kvstore_etcd": etcd,
-        "kvstore_transport": transport, "kvstore_pin_lease_s": pin_lease_s}
+        "kvstore_transport": transport, "kvstore_pin_lease_s": pin_lease_s,
+        "kvstore_lookup_timeout_s": lookup_timeout_s, "kvstore_write_timeout_s": write_timeout_s}
     if tls is not None and tls.client_enabled:
         config[TLS_KEY] = _set_fields(tls)
     if etcd_settings is not None and (etcd_fields := _set_fields(etcd_settings)):
@@ -237,9 +262,12 @@ class StoreManager(OffloadingManager):
     """Tracks, per request, which of its blocks the store holds (pinned); see the module docstring."""
 
     def __init__(self, client: KVStoreClient, model: str, layout: str, pin_lease_s: float,
-                 block_tokens: int) -> None:
+                 block_tokens: int, lookup_timeout_s: float = DEFAULT_LOOKUP_TIMEOUT_S) -> None:
         self._client, self._model, self._layout = client, model, layout
         self._pin_lease_s = pin_lease_s
+        self._lookup_timeout_s = lookup_timeout_s
+        # Set and cleared on the lookup thread only; the engine's thread reads it (allows).
+        self.circuit = Circuit()
         self._block_tokens = block_tokens
         self._requests: dict[str, _Request] = {}
         self._stored: collections.OrderedDict[int, None] = collections.OrderedDict()
@@ -259,16 +287,30 @@ class StoreManager(OffloadingManager):
             try:
                 if op == "pin":
                     req_id, hashes = arg
-                    pinned: Pin | None = None
-                    try:
-                        pinned = self._client.pin(self._model, self._layout, hashes, self._pin_lease_s)
-                    except Exception as exc:  # noqa: BLE001 - an unreachable store is a miss
-                        self._warn(f"KV store lookup failed ({exc}); recomputing")
-                    self._results.put((req_id, hashes, pinned))
-                elif op == "unpin":
-                    self._client.unpin(arg)
+                    self._results.put((req_id, hashes, self._pin(hashes)))
+                elif op == "unpin" and self.circuit.allows(time.monotonic()):
+                    # (In the cool-down the pin is left to its lease: the store frees it then.)
+                    self._client.unpin(arg, timeout_s=self._lookup_timeout_s)
             except Exception as exc:  # noqa: BLE001
-                self._warn(f"KV store {op} failed: {exc}")
+                if isinstance(exc, grpc.RpcError) and exc.code() in _UNANSWERED:  # type: ignore[attr-defined]
+                    self.circuit.failed(time.monotonic(), exc.code().name)  # type: ignore[attr-defined]
+                self._warn(f"KV store {op} failed: {_brief(exc)}")
+
+    def _pin(self, hashes: list[int]) -> Pin | None:
+        """The store's pin of the leading run of `hashes` it holds; None (a miss) when it fails
+        to answer, and without asking while it is in its cool-down since."""
+        if not self.circuit.allows(time.monotonic()):
+            return None
+        try:
+            pinned = self._client.pin(self._model, self._layout, hashes, self._pin_lease_s,
+                                      timeout_s=self._lookup_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - an unreachable store is a miss
+            self.circuit.failed(time.monotonic(), type(exc).__name__)
+            self._warn(f"KV store lookup failed ({_brief(exc)}); lookups are misses for the next "
+                       f"{self.circuit.cooldown_s:.0f} s")
+            return None
+        self.circuit.succeeded()
+        return pinned
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()
@@ -308,8 +350,12 @@ class StoreManager(OffloadingManager):
 
     def on_schedule_end(self, context: ScheduleEndContext) -> None:
         self._drain()
+        cooling = not self.circuit.allows(time.monotonic())
         for req_id, req in self._requests.items():
-            if req.queued and not req.in_flight and not req.finished:
+            if req.queued and cooling:  # the store failed to answer lately: a miss, at once
+                req.held.update(dict.fromkeys(req.queued))
+                req.queued = []
+            elif req.queued and not req.in_flight and not req.finished:
                 req.in_flight = True
                 self._in_flight += 1
                 self._calls.put(("pin", (req_id, req.queued)))
@@ -443,7 +489,8 @@ class StoreWorker(OffloadingWorker):
     """
 
     def __init__(self, kv_caches: CanonicalKVCaches, client: KVStoreClient, model: str, layout: str,
-                 transport: str = "auto", etcd: str = "", etcd_settings: EtcdSettings | None = None) -> None:
+                 transport: str = "auto", etcd: str = "", etcd_settings: EtcdSettings | None = None,
+                 write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S) -> None:
         self._tensors: list[torch.Tensor] = [t.tensor for t in kv_caches.tensors]
         for t in self._tensors:
             if t.device.type != "cpu" or t.dim() != 2 or t.dtype != torch.int8 or t.stride(1) != 1:
@@ -451,6 +498,9 @@ class StoreWorker(OffloadingWorker):
         self.block_bytes = sum(t.shape[1] for t in self._tensors)
         self._client, self._model, self._layout = client, model, layout
         self._transport, self._etcd, self._etcd_settings = transport, etcd, etcd_settings
+        self._write_timeout_s = write_timeout_s
+        self.circuit = Circuit()  # of the writes: stores are dropped while it is open
+        self.dropped_blocks = 0  # stores dropped, unanswered or in the cool-down after
         self._nixl: _NixlPath | None = None
         self.path = "grpc"  # what the jobs use ("nixl" once connected)
         self._loads: collections.deque[tuple[int, list[int], StoreBlocks]] = collections.deque()
@@ -564,12 +614,35 @@ class StoreWorker(OffloadingWorker):
             self._pending.discard(result.job_id)
             self._cond.notify_all()
 
+    def _cooling(self, blocks: int) -> bool:
+        """True (and the blocks counted as dropped) while the store is in its cool-down."""
+        if self.circuit.allows(time.monotonic()):
+            return False
+        self.dropped_blocks += blocks
+        return True
+
+    def _unanswered(self, job_id: int, blocks: int, exc: Exception) -> bool:
+        """True, with the circuit opened, when `exc` says the store did not answer (deadline,
+        unreachable): then no other path is tried, the blocks are dropped."""
+        if not (isinstance(exc, grpc.RpcError) and exc.code() in _UNANSWERED):  # type: ignore[attr-defined]
+            return False
+        self.circuit.failed(time.monotonic(), exc.code().name)  # type: ignore[attr-defined]
+        self.dropped_blocks += blocks
+        log.warning("KV store: store job %d (%d blocks) dropped, the store did not answer (%s); stores are "
+                    "dropped for the next %.0f s", job_id, blocks, _brief(exc), self.circuit.cooldown_s)
+        return True
+
     def _store_nixl(self, job_id: int, block_ids: list[int], hashes: tuple[int, ...], start: int,
                     parent: int | None) -> bool:
+        """Stores one run over NIXL; False when gRPC should try (a NIXL failure), True when done:
+        stored, or dropped (the store did not answer, or is in its cool-down since)."""
+        if self._cooling(len(block_ids)):
+            return True
         write_id = ""
+        timeout = self._write_timeout_s
         try:
             reservation = self._client.reserve(self._model, self._layout, self.block_bytes, hashes,
-                                               start=start, parent=parent)
+                                               start=start, parent=parent, timeout_s=timeout)
             write_id = reservation.write_id
             engine_block = dict(zip(hashes, block_ids))
             slots = list(reservation.slots)  # blocks the store already holds are left out
@@ -584,30 +657,37 @@ class StoreWorker(OffloadingWorker):
                 # landed bytes differ. A store that checksummed whatever its slot held at commit
                 # would, for a WRITE not yet visible there, certify the slot's old bytes, and a
                 # reader's check would then pass on wrong KV (seen: garbage tokens from a hit).
-                _, rejected = self._client.commit(write_id, checksums)
+                _, rejected = self._client.commit(write_id, checksums, timeout_s=timeout)
                 if rejected:
                     log.warning("KV store: %d of %d blocks of store job %d rejected at commit (their bytes had "
                                 "not landed); they stay unstored", len(rejected), len(slots), job_id)
             elif write_id:  # nothing to write (all stored already): an empty reservation may have no id
-                self._client.abort(write_id)
+                self._client.abort(write_id, timeout_s=timeout)
+            self.circuit.succeeded()
             return True
         except Exception as exc:  # noqa: BLE001
-            log.warning("KV store: NIXL store job %d failed (%s); trying gRPC", job_id, exc)
             if write_id:
                 with contextlib.suppress(Exception):
-                    self._client.abort(write_id)
+                    self._client.abort(write_id, timeout_s=timeout)
+            if self._unanswered(job_id, len(block_ids), exc):
+                return True
+            log.warning("KV store: NIXL store job %d failed (%s); trying gRPC", job_id, exc)
             return False
 
     def _put(self, job_id: int, block_ids: list[int], hashes: tuple[int, ...], start: int,
              parent: int | None) -> None:
+        if self._cooling(len(block_ids)):
+            return
         try:
             _, rejected = self._client.put(self._model, self._layout,
                                            ((h, self._block(b)) for h, b in zip(hashes, block_ids)),
-                                           start=start, parent=parent)
+                                           start=start, parent=parent, timeout_s=self._write_timeout_s)
+            self.circuit.succeeded()
             if rejected:
                 log.warning("KV store: %d blocks of store job %d rejected (checksum)", len(rejected), job_id)
         except Exception as exc:  # noqa: BLE001
-            log.warning("KV store: store job %d (%d blocks) dropped: %s", job_id, len(block_ids), exc)
+            if not self._unanswered(job_id, len(block_ids), exc):
+                log.warning("KV store: store job %d (%d blocks) dropped: %s", job_id, len(block_ids), exc)
 
     def _load(self, job_id: int, block_ids: list[int], blocks: StoreBlocks) -> bool:
         if self._nixl is not None and len(blocks.slots) == len(block_ids):
@@ -672,6 +752,10 @@ class MeshKVStoreSpec(OffloadingSpec):
         self.address = str(extra["kvstore_address"])
         self.model = str(extra["kvstore_model"])
         self.pin_lease_s = float(extra.get("kvstore_pin_lease_s", DEFAULT_PIN_LEASE_S))
+        self.lookup_timeout_s = float(extra.get("kvstore_lookup_timeout_s", DEFAULT_LOOKUP_TIMEOUT_S))
+        self.write_timeout_s = float(extra.get("kvstore_write_timeout_s", DEFAULT_WRITE_TIMEOUT_S))
+        if not (self.lookup_timeout_s > 0 and self.write_timeout_s > 0):
+            raise ValueError(f"{SPEC_NAME}: kvstore_lookup_timeout_s and kvstore_write_timeout_s must be > 0")
         self.transport = str(extra.get("kvstore_transport", "auto"))
         if self.transport not in TRANSPORTS:
             raise ValueError(f"{SPEC_NAME}: kvstore_transport {self.transport!r} (one of {', '.join(TRANSPORTS)})")
@@ -684,7 +768,7 @@ class MeshKVStoreSpec(OffloadingSpec):
     def get_manager(self) -> OffloadingManager:
         if self._manager is None:
             self._manager = StoreManager(self.store_client(), self.model, self.layout, self.pin_lease_s,
-                                         self.tokens_per_hash)
+                                         self.tokens_per_hash, lookup_timeout_s=self.lookup_timeout_s)
             log.info("KV offload to the store at %s (%s), layout %s", self.address,
                      "TLS" if self.tls is not None else "plaintext", self.layout)
         return self._manager
@@ -693,7 +777,7 @@ class MeshKVStoreSpec(OffloadingSpec):
         if self._worker is None:
             self._worker = StoreWorker(kv_caches, self.store_client(), self.model, self.layout,
                                        transport=self.transport, etcd=self.etcd,
-                                       etcd_settings=self.etcd_settings)
+                                       etcd_settings=self.etcd_settings, write_timeout_s=self.write_timeout_s)
         return self._worker
 
     def store_client(self) -> KVStoreClient:

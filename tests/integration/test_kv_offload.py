@@ -6,6 +6,7 @@ OffloadingConnector makes, in its order."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -196,3 +197,101 @@ def test_a_sim_worker_refuses_kv_offload():
     done = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--engine", "sim", "--kv-offload", "store",
                            "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "--kv-offload store is for the vllm engine, not sim" in done.stderr
+
+
+@pytest.fixture
+def frozen_store(etcd, tmp_path):
+    """A store of its own (the tests SIGSTOP it): (address, its Child)."""
+    port = free_port()
+    child = Child.llm_mesh("kvstore", ["kvstore", "--port", str(port), "--etcd", etcd.endpoint, "--ram-mib", "16",
+                                       "--nixl", "off"], tmp_path)
+    child.start()
+    try:
+        child.wait_ready(lambda: grpc_serving(f"127.0.0.1:{port}"), 60)
+        yield f"127.0.0.1:{port}", child
+    finally:
+        child.signal(signal.SIGCONT)
+        child.stop()
+
+
+def test_a_store_that_stops_answering_costs_one_lookup_timeout(frozen_store):
+    """A store that is there but silent (SIGSTOP: what a stalled store looks like): the first
+    lookup waits its deadline and is a miss; while the store cools down every other request's
+    lookup is a miss at once, without asking; after the cool-down the store is asked again."""
+    address, child = frozen_store
+    hashes = [9000 + i for i in range(4)]
+    with KVStoreClient(address) as client:
+        client.put(MODEL, LAYOUT, [(h, bytes([i]) * BLOCK_BYTES) for i, h in enumerate(hashes)])
+    manager = kv_offload.StoreManager(KVStoreClient(address), MODEL, LAYOUT, pin_lease_s=30, block_tokens=16,
+                                      lookup_timeout_s=0.5)
+
+    def ask(req_id: str) -> tuple[LookupResult, float]:
+        started = time.monotonic()
+        ctx = ReqContext(req_id=req_id)
+        assert manager.lookup(key(hashes[0]), ctx) is LookupResult.RETRY
+        manager.on_schedule_end(STEP)
+        return settle(manager, key(hashes[0]), ctx, timeout=30), time.monotonic() - started
+
+    try:
+        assert ask("warm")[0] is LookupResult.HIT
+        child.signal(signal.SIGSTOP)
+        try:
+            result, waited = ask("first")
+            assert result is LookupResult.MISS and 0.4 < waited < 2.0, waited  # one deadline (0.5 s)
+            assert manager.circuit.state(time.monotonic()) == "open"
+            for i in range(5):
+                result, waited = ask(f"next-{i}")
+                assert result is LookupResult.MISS and waited < 0.3, (i, waited)  # not asked
+        finally:
+            child.signal(signal.SIGCONT)
+        time.sleep(manager.circuit.cooldown_s)
+        assert ask("after")[0] is LookupResult.HIT
+        assert manager.circuit.state(time.monotonic()) == "closed"
+    finally:
+        manager.shutdown()
+
+
+def test_stores_to_a_silent_store_are_dropped_not_queued(frozen_store):
+    """The worker half, over the gRPC bytes path with real KV tensors: a store job to a frozen
+    store ends after one write deadline, the next ones at once (dropped while the store cools
+    down: they never hold up the loads behind them); afterwards stores land again."""
+    import types
+
+    import torch
+    from vllm.v1.kv_offload.base import GPULoadStoreSpec
+
+    address, child = frozen_store
+    tensors = [torch.randint(-128, 127, (16, BLOCK_BYTES // 2), dtype=torch.int8) for _ in range(2)]
+    caches = types.SimpleNamespace(tensors=[types.SimpleNamespace(tensor=t) for t in tensors])
+    worker = kv_offload.StoreWorker(caches, KVStoreClient(address), MODEL, LAYOUT, transport="grpc",
+                                    write_timeout_s=0.5)
+    job_ids = iter(range(1, 100))
+
+    def store(hashes: list[int]) -> float:
+        job = next(job_ids)
+        started = time.monotonic()
+        worker.submit_store(job, GPULoadStoreSpec(list(range(len(hashes))), [len(hashes)], [0]),
+                            kv_offload.StoreBlocks(tuple(hashes)))
+        worker.wait({job})
+        assert [r.success for r in worker.get_finished()] == [True]  # vLLM asserts it
+        return time.monotonic() - started
+
+    def stored(hashes: list[int]) -> int:
+        with KVStoreClient(address) as client:
+            return client.lookup(MODEL, LAYOUT, hashes)[0]
+
+    try:
+        assert store([100, 101]) < 5 and stored([100, 101]) == 2
+        child.signal(signal.SIGSTOP)
+        try:
+            assert 0.4 < store([200, 201]) < 2.0  # one deadline (0.5 s)
+            for i in range(3):
+                assert store([300 + 2 * i, 301 + 2 * i]) < 0.3  # dropped at once
+            assert worker.dropped_blocks == 8
+        finally:
+            child.signal(signal.SIGCONT)
+        time.sleep(worker.circuit.cooldown_s)
+        assert store([400, 401]) < 5 and stored([400, 401]) == 2
+        assert stored([200, 201]) == 0
+    finally:
+        worker.shutdown()
