@@ -43,7 +43,7 @@ async def _serve(settings_json: str, reply_fd: int) -> None:
         reply.write(json.dumps(obj, default=_jsonable) + "\n")
         reply.flush()
 
-    engine = VllmEngine(VllmSettings(**json.loads(settings_json)))
+    engine = VllmEngine(VllmSettings(**settings_from_json(settings_json)))
     info = await engine.start()
     send({"ready": dataclasses.asdict(info), "kv_engine_id": engine.kv_engine_id})
     loop = asyncio.get_running_loop()
@@ -93,6 +93,23 @@ async def _serve(settings_json: str, reply_fd: int) -> None:
         send({})
 
 
+def settings_to_json(settings: dict[str, Any]) -> str:
+    """VllmSettings fields as JSON for the child's argv (its TLS/etcd settings as objects)."""
+    return json.dumps({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in settings.items()})
+
+
+def settings_from_json(text: str) -> dict[str, Any]:
+    """`settings_to_json`'s inverse: the TLS files and etcd settings as their dataclasses again."""
+    from services.membership import EtcdSettings
+    from services.tls import TlsFiles
+
+    settings = json.loads(text)
+    for key, cls in (("kvstore_tls", TlsFiles), ("kvstore_etcd_settings", EtcdSettings)):
+        if isinstance(settings.get(key), dict):
+            settings[key] = cls(**settings[key])
+    return settings
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
@@ -107,7 +124,7 @@ class PDEngineProc:
         read_fd, write_fd = os.pipe()
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [*(command or [sys.executable, "-m", "services.engines.engine_proc"]), json.dumps(settings),
+            [*(command or [sys.executable, "-m", "services.engines.engine_proc"]), settings_to_json(settings),
              str(write_fd)],
             cwd=REPO, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
             env={**os.environ, **(env or {})}, text=True)
