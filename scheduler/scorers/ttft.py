@@ -31,7 +31,8 @@ class TTFTScorer:
                  default_request_tokens: int = 1024, request_duration_s: float = 2.0,
                  load_tokens_per_s: Mapping[str, float] | None = None, work_weight: float = 0.0,
                  load_scaled: bool = True, hit_scaled: bool = True, track_steps: bool = False,
-                 batch_weight: float = 0.0, batch_window_s: float = 0.01) -> None:
+                 batch_weight: float = 0.0, batch_window_s: float = 0.01, dup_weight: float = 0.0,
+                 hit_power: float = 1.0) -> None:
         if prefill_tokens_per_s <= 0 or request_duration_s <= 0:
             raise ValueError("prefill_tokens_per_s and request_duration_s must be positive")
         if work_weight < 0 or step_overhead_s < 0 or default_request_tokens < 0:
@@ -49,6 +50,8 @@ class TTFTScorer:
         self.track_steps = bool(track_steps)
         self.batch_weight = float(batch_weight)
         self.batch_window_s = float(batch_window_s)
+        self.dup_weight = float(dup_weight)
+        self.hit_power = float(hit_power)
         self._steps: dict[str, _Steps] = {}
 
     def _view(self, w: WorkerState, now: float | None, speed: float) -> _Steps | None:
@@ -113,7 +116,8 @@ class TTFTScorer:
             work_weight *= min(1.0, sum(waiting) / len(workers))
         if self.hit_scaled:
             best = max(m.blocks for m in ctx.matches()) * bs
-            work_weight *= min(1.0, best / prompt) if prompt else 0.0
+            work_weight *= min(1.0, best / prompt) ** self.hit_power if prompt else 0.0
+        best_blocks = max(m.blocks for m in ctx.matches())
         out = []
         now = r.now if self.track_steps else None
         for w, m, queued in zip(workers, ctx.matches(), waiting):
@@ -162,6 +166,8 @@ class TTFTScorer:
                 load_s = sum(t[i] * bs / load_speed[i] for i in (1, 2, 3) if t[i])
             ttft = queue_s + admit_s + prefill_s + load_s
             cost = ttft + work_weight * prefill_s
+            if self.dup_weight and best_blocks > m.blocks:
+                cost += self.dup_weight * (best_blocks - m.blocks) * bs / speed
             if self.batch_weight and batch:
                 cost += self.batch_weight * batch * prefill_s  # delays those it is batched with
             out.append((cost, ttft, queue_s, admit_s, prefill_s, load_s, float(uncached)))

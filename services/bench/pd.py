@@ -20,8 +20,9 @@ after the first token) and E2E (client wall time, both legs for P/D).
 
 On CPU, vLLM's NIXL connector re-pins its worker's model thread to the last core of
 the NUMA node, and the NIXL agent's progress thread busy-polls on the engine's core;
-`VllmEngine` undoes both (services/engines/cpu_affinity.py). The table shows where
-each engine's worker main thread may run and how many threads got SCHED_IDLE;
+`VllmEngine` undoes the first (services/engines/cpu_affinity.py), our vLLM plugin the
+second (services/engines/vllm_plugin.py: no progress thread). The table shows where
+each engine's worker main thread may run and how many threads got SCHED_IDLE (0: none spins);
 `--keep-nixl-pinning` / `--keep-nixl-spin` leave vLLM's behaviour to measure its cost.
 """
 
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-nixl-pinning", action="store_true",
                         help="leave vLLM's NIXL thread re-pinning in place (to measure its cost)")
     parser.add_argument("--keep-nixl-spin", action="store_true",
-                        help="leave NIXL's busy-polling progress thread at normal priority (its cost)")
+                        help="keep vLLM's NIXL progress thread, busy-polling at normal priority (its cost)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/pd.json"))
 
 

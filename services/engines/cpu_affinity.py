@@ -11,10 +11,11 @@ and 1, both engines' model threads end up on core 1. Nothing in vLLM turns it
 off (the call depends only on the platform being CPU), so after the engine has
 started we put the threads on the reserved cores back on the engine's own.
 
-The same agent's UCX progress thread polls without pause on the engine's core (see
-`deprioritize_idle_spinners`); it gets SCHED_IDLE. LLM_MESH_KEEP_NIXL_PINNING=1 /
-LLM_MESH_KEEP_NIXL_SPIN=1 skip either fix, to measure what it is worth
-(`llm-mesh bench pd --keep-nixl-pinning --keep-nixl-spin`).
+The same agent's UCX progress thread would poll without pause on the engine's core; our vLLM
+plugin (services/engines/vllm_plugin.py) starts the agent without one. Any thread still found
+spinning while the engine idles gets SCHED_IDLE (`deprioritize_idle_spinners`, a safety net).
+LLM_MESH_KEEP_NIXL_PINNING=1 / LLM_MESH_KEEP_NIXL_SPIN=1 keep vLLM's behaviour, to measure
+what each fix is worth (`llm-mesh bench pd --keep-nixl-pinning --keep-nixl-spin`).
 """
 
 from __future__ import annotations
@@ -134,12 +135,13 @@ def deprioritize_idle_spinners(root: int | None = None, sample_s: float = 1.0,
                                busy_fraction: float = 0.2) -> list[tuple[int, int, float]]:
     """Give SCHED_IDLE to the threads under `root` that burn CPU while the engine is idle.
 
-    The NIXL agent's UCX progress thread polls without pause (the nixl Python API sets its
+    A NIXL agent's UCX progress thread polls without pause (the nixl Python API sets its
     delay to 0) on the engine's own core: an idle engine spends ~60% of that core on it and
-    a busy one loses half its model thread's time to it. SCHED_IDLE leaves it only the
-    cycles nothing else wants. vLLM's model thread polls the transfer state and
-    notifications itself each step, so transfers still progress. Call this while the
-    engine is idle (right after start). Returns (pid, tid, busy fraction) of each thread.
+    a busy one loses half its model thread's time to it. Our vLLM plugin starts vLLM's agent
+    without one; this catches any other spinner. SCHED_IDLE leaves it only the cycles nothing
+    else wants (a progress thread so starved held KV pulls for 0.9–1.6 s under load: why the
+    plugin removes it instead). Call this while the engine is idle (right after start).
+    Returns (pid, tid, busy fraction) of each thread.
     """
     if os.environ.get(KEEP_SPIN_ENV) == "1":
         return []
