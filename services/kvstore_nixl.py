@@ -59,15 +59,15 @@ class Region:
         self.nbytes = nbytes
 
 
-def _new_agent(name: str) -> Any:
+def _new_agent(name: str, progress_thread: bool) -> Any:
+    """A UCX agent. The passive side (the store posts nothing, yet must accept connections)
+    needs a progress thread; a client's link posts and polls, and its polls progress it. There a
+    thread would spin on the engine's core (the nixl API gives it no delay), and at SCHED_IDLE it
+    starves under a busy engine: 35 MB loads took 1.5 s and 3.6 s in 2 of 8, against 13 of 13
+    under 80 ms without it (vLLM's own agents: services/engines/vllm_plugin.py)."""
     from nixl._api import nixl_agent, nixl_agent_config
 
-    # Progress thread on: a passive side (the store posts nothing) must still accept UCX connections.
-    # On a client's link (which posts and polls) it is on too, though its SCHED_IDLE poller can
-    # starve under a busy-stepping engine: without it engine loads of 35 MB were steadier (13 all
-    # under 80 ms, vs 1.5 s and 3.6 s in 2 of 8), but that was tried while the store's 5-15 s
-    # stalls around an engine's start were unexplained (README "Engines offloading to the store").
-    return nixl_agent(name, nixl_agent_config(enable_prog_thread=True, backends=["UCX"]))
+    return nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
 
 
 class StoreAgent:
@@ -76,7 +76,7 @@ class StoreAgent:
     def __init__(self, store_id: str, region: Region) -> None:
         self.name = f"kvstore-{store_id}-{os.getpid()}"
         self.region = region
-        self.agent = _new_agent(self.name)
+        self.agent = _new_agent(self.name, progress_thread=True)
         self._registered = self.agent.register_memory([(region.address, region.nbytes, 0, "")], DRAM)
 
     def metadata(self, store_id: str) -> membership_pb2.NixlAgentMetadata:
@@ -120,7 +120,7 @@ class NixlStoreLink:
     engine's KV tensors on CPU). Not thread-safe: use it from one thread."""
 
     def __init__(self, name: str, local: Sequence[tuple[int, int]]) -> None:
-        self.agent = _new_agent(f"{name}-{os.getpid()}")
+        self.agent = _new_agent(f"{name}-{os.getpid()}", progress_thread=False)
         self._local = [(int(a), int(n)) for a, n in local]
         self._registered = self.agent.register_memory([(a, n, 0, "") for a, n in self._local], DRAM)
         self._peers: dict[str, StorePeer] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 from scheduler.framework import ScoringContext, WorkerState
@@ -32,7 +33,7 @@ class TTFTScorer:
                  load_tokens_per_s: Mapping[str, float] | None = None, work_weight: float = 0.0,
                  load_scaled: bool = True, hit_scaled: bool = True, track_steps: bool = False,
                  batch_weight: float = 0.0, batch_window_s: float = 0.01, dup_weight: float = 0.0,
-                 hit_power: float = 1.0) -> None:
+                 hit_power: float = 1.0, evict_weight: float = 0.0, evict_tau_s: float = 60.0) -> None:
         if prefill_tokens_per_s <= 0 or request_duration_s <= 0:
             raise ValueError("prefill_tokens_per_s and request_duration_s must be positive")
         if work_weight < 0 or step_overhead_s < 0 or default_request_tokens < 0:
@@ -52,6 +53,9 @@ class TTFTScorer:
         self.batch_window_s = float(batch_window_s)
         self.dup_weight = float(dup_weight)
         self.hit_power = float(hit_power)
+        self.evict_weight = float(evict_weight)
+        self.evict_tau_s = float(evict_tau_s)
+        self._written: dict[str, tuple[float, float]] = {}  # worker -> (decayed tokens written, as of)
         self._steps: dict[str, _Steps] = {}
 
     def _view(self, w: WorkerState, now: float | None, speed: float) -> _Steps | None:
@@ -73,8 +77,19 @@ class TTFTScorer:
             v.inflight, v.queued, v.queued_tokens = v.queued, 0, 0
         return v
 
+    def _written_at(self, worker_id: str, now: float) -> float:
+        v = self._written.get(worker_id)
+        if v is None:
+            return 0.0
+        return v[0] * math.exp(-max(0.0, now - v[1]) / self.evict_tau_s)
+
     def commit(self, ctx: ScoringContext, chosen: WorkerState) -> None:
         now = ctx.request.now
+        if self.evict_weight and now is not None:
+            column = ctx.details.get("ttft.uncached")
+            if column is not None:
+                i = next(j for j, w in enumerate(ctx.workers) if w is chosen)
+                self._written[chosen.worker_id] = (self._written_at(chosen.worker_id, now) + column[i], now)
         if not self.track_steps or now is None:
             return
         column = ctx.details.get("ttft.uncached")
@@ -119,8 +134,14 @@ class TTFTScorer:
             work_weight *= min(1.0, best / prompt) ** self.hit_power if prompt else 0.0
         best_blocks = max(m.blocks for m in ctx.matches())
         out = []
+        evict = None
+        if self.evict_weight and r.now is not None:
+            written = [self._written_at(w.worker_id, r.now) for w in workers]
+            mean_written = sum(written) / len(workers)
+            if mean_written > 0:
+                evict = [max(-1.0, min(1.0, x / mean_written - 1.0)) * self.evict_weight for x in written]
         now = r.now if self.track_steps else None
-        for w, m, queued in zip(workers, ctx.matches(), waiting):
+        for k, (w, m, queued) in enumerate(zip(workers, ctx.matches(), waiting)):
             speed = w.prefill_tokens_per_s or self.speed
             # Queue: prompts ahead of us. Ours are known exactly; the report only counts requests,
             # sized like our own pending ones (or a default when we have none there).
@@ -166,6 +187,8 @@ class TTFTScorer:
                 load_s = sum(t[i] * bs / load_speed[i] for i in (1, 2, 3) if t[i])
             ttft = queue_s + admit_s + prefill_s + load_s
             cost = ttft + work_weight * prefill_s
+            if evict is not None:
+                cost += evict[k] * (prefill_s - overhead)
             if self.dup_weight and best_blocks > m.blocks:
                 cost += self.dup_weight * (best_blocks - m.blocks) * bs / speed
             if self.batch_weight and batch:
