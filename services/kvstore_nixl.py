@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -59,15 +60,22 @@ class Region:
         self.nbytes = nbytes
 
 
-def _new_agent(name: str, progress_thread: bool) -> Any:
-    """A UCX agent. The passive side (the store posts nothing, yet must accept connections)
-    needs a progress thread; a client's link posts and polls, and its polls progress it. There a
-    thread would spin on the engine's core (the nixl API gives it no delay), and at SCHED_IDLE it
-    starves under a busy engine: 35 MB loads took 1.5 s and 3.6 s in 2 of 8, against 13 of 13
-    under 80 ms without it (vLLM's own agents: services/engines/vllm_plugin.py)."""
-    from nixl._api import nixl_agent, nixl_agent_config
+# How often the store's agent is progressed (it posts nothing; peers' connection set-up waits
+# for it at most this long, their transfers — CMA on one host — not at all).
+PUMP_INTERVAL_S = 0.001
 
-    return nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
+
+def _new_agent(name: str, thread_safe: bool = False) -> Any:
+    """A UCX agent without NIXL's progress thread: the nixl API gives that thread no delay, so it
+    polls without pause on its core (an idle store burned ~60% of one, mostly in sched_yield), and
+    at SCHED_IDLE it starves under load (35 MB engine loads took 1.5 s and 3.6 s in 2 of 8,
+    against 13 of 13 under 80 ms without it; vLLM's agents: services/engines/vllm_plugin.py).
+    A client's link progresses by its own polls; the store's agent by `StoreAgent`'s pump.
+    `thread_safe`: NIXL's strict locking (the store's agent is used from two threads)."""
+    from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+
+    sync = nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT if thread_safe else None
+    return nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"], sync_mode=sync))
 
 
 class StoreAgent:
@@ -76,8 +84,16 @@ class StoreAgent:
     def __init__(self, store_id: str, region: Region) -> None:
         self.name = f"kvstore-{store_id}-{os.getpid()}"
         self.region = region
-        self.agent = _new_agent(self.name, progress_thread=True)
+        self.agent = _new_agent(self.name, thread_safe=True)
         self._registered = self.agent.register_memory([(region.address, region.nbytes, 0, "")], DRAM)
+        # Passive, yet peers' connection requests need its worker progressed: a sleeping pump.
+        self._stopping = threading.Event()
+        self._pump = threading.Thread(target=self._progress, name="nixl-pump", daemon=True)
+        self._pump.start()
+
+    def _progress(self) -> None:
+        while not self._stopping.wait(PUMP_INTERVAL_S):
+            self.agent.get_new_notifs()  # progresses the UCX worker (the store expects no notifications)
 
     def metadata(self, store_id: str) -> membership_pb2.NixlAgentMetadata:
         blob = self.agent.get_agent_metadata()
@@ -85,23 +101,9 @@ class StoreAgent:
             engine_id=store_id, agent_metadata=blob, agent_metadata_bytes=len(blob),
             region_address=self.region.address, region_bytes=self.region.nbytes)
 
-    def idle_progress_threads(self, sample_s: float = 0.5) -> list[int]:
-        """SCHED_IDLE for this process's threads that spin while the store is idle: the agent's
-        UCX progress thread polls without pause (the nixl API sets its delay to 0), which would
-        burn a core of an idle store. It keeps the cycles nothing else wants, enough for peers'
-        connection set-up; their transfers (CMA on one host) need no CPU of the store. Call it
-        while idle, right after start; LLM_MESH_KEEP_NIXL_SPIN=1 keeps the spin. Returns the tids."""
-        from services.engines.cpu_affinity import KEEP_SPIN_ENV, busy_threads, set_idle_priority
-
-        if os.environ.get(KEEP_SPIN_ENV) == "1":
-            return []
-        tids = [tid for _, tid, _ in busy_threads([os.getpid()], sample_s, busy_fraction=0.2)]
-        set_idle_priority(tids)
-        if tids:
-            log.info("SCHED_IDLE for %d thread(s) spinning while the store is idle: %s", len(tids), tids)
-        return tids
-
     def close(self) -> None:
+        self._stopping.set()
+        self._pump.join(timeout=5)
         self.agent.deregister_memory(self._registered)
 
 
@@ -120,7 +122,7 @@ class NixlStoreLink:
     engine's KV tensors on CPU). Not thread-safe: use it from one thread."""
 
     def __init__(self, name: str, local: Sequence[tuple[int, int]]) -> None:
-        self.agent = _new_agent(f"{name}-{os.getpid()}", progress_thread=False)
+        self.agent = _new_agent(f"{name}-{os.getpid()}")
         self._local = [(int(a), int(n)) for a, n in local]
         self._registered = self.agent.register_memory([(a, n, 0, "") for a, n in self._local], DRAM)
         self._peers: dict[str, StorePeer] = {}

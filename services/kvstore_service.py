@@ -500,8 +500,6 @@ async def serve(args: argparse.Namespace) -> None:
                                    heartbeat_s=args.kv_events_heartbeat)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, server)
         await server.start()
-        if agent is not None:
-            await asyncio.to_thread(agent.idle_progress_threads)
         if args.metrics_port is not None:
             metrics.serve(args.metrics_port, args.host)
         member = membership_pb2.Member(

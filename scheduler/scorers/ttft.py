@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 from scheduler.framework import ScoringContext, WorkerState
@@ -32,14 +31,13 @@ class TTFTScorer:
                  default_request_tokens: int = 1024, request_duration_s: float = 2.0,
                  load_tokens_per_s: Mapping[str, float] | None = None, work_weight: float = 0.0,
                  load_scaled: bool = True, hit_scaled: bool = True, track_steps: bool = False,
-                 batch_weight: float = 0.0, batch_window_s: float = 0.01, dup_weight: float = 0.0,
-                 hit_power: float = 1.0, evict_weight: float = 0.0, evict_tau_s: float = 60.0) -> None:
+                 batch_weight: float = 0.0, batch_window_s: float = 0.01, dup_weight: float = 0.0) -> None:
         if prefill_tokens_per_s <= 0 or request_duration_s <= 0:
             raise ValueError("prefill_tokens_per_s and request_duration_s must be positive")
         if work_weight < 0 or step_overhead_s < 0 or default_request_tokens < 0:
             raise ValueError("work_weight, step_overhead_s and default_request_tokens must be >= 0")
-        if batch_weight < 0 or batch_window_s < 0:
-            raise ValueError("batch_weight and batch_window_s must be >= 0")
+        if batch_weight < 0 or batch_window_s < 0 or dup_weight < 0:
+            raise ValueError("batch_weight, batch_window_s and dup_weight must be >= 0")
         self.speed = float(prefill_tokens_per_s)
         self.overhead = float(step_overhead_s)
         self.default_tokens = int(default_request_tokens)
@@ -52,10 +50,6 @@ class TTFTScorer:
         self.batch_weight = float(batch_weight)
         self.batch_window_s = float(batch_window_s)
         self.dup_weight = float(dup_weight)
-        self.hit_power = float(hit_power)
-        self.evict_weight = float(evict_weight)
-        self.evict_tau_s = float(evict_tau_s)
-        self._written: dict[str, tuple[float, float]] = {}  # worker -> (decayed tokens written, as of)
         self._steps: dict[str, _Steps] = {}
 
     def _view(self, w: WorkerState, now: float | None, speed: float) -> _Steps | None:
@@ -77,19 +71,8 @@ class TTFTScorer:
             v.inflight, v.queued, v.queued_tokens = v.queued, 0, 0
         return v
 
-    def _written_at(self, worker_id: str, now: float) -> float:
-        v = self._written.get(worker_id)
-        if v is None:
-            return 0.0
-        return v[0] * math.exp(-max(0.0, now - v[1]) / self.evict_tau_s)
-
     def commit(self, ctx: ScoringContext, chosen: WorkerState) -> None:
         now = ctx.request.now
-        if self.evict_weight and now is not None:
-            column = ctx.details.get("ttft.uncached")
-            if column is not None:
-                i = next(j for j, w in enumerate(ctx.workers) if w is chosen)
-                self._written[chosen.worker_id] = (self._written_at(chosen.worker_id, now) + column[i], now)
         if not self.track_steps or now is None:
             return
         column = ctx.details.get("ttft.uncached")
@@ -114,7 +97,7 @@ class TTFTScorer:
 
     def predict(self, ctx: ScoringContext, workers: list[WorkerState]) -> list[tuple[float, ...]]:
         """Per worker: (cost, ttft, queue_s, admit_s, prefill_s, load_s, uncached tokens);
-        cost = ttft + work charge + batch charge."""
+        cost = ttft + work charge + batch charge + duplication charge."""
         r = ctx.request
         bs = r.block_size
         prompt = r.prompt_tokens
@@ -129,19 +112,16 @@ class TTFTScorer:
         work_weight = self.work_weight
         if self.load_scaled:
             work_weight *= min(1.0, sum(waiting) / len(workers))
-        if self.hit_scaled:
-            best = max(m.blocks for m in ctx.matches()) * bs
-            work_weight *= min(1.0, best / prompt) ** self.hit_power if prompt else 0.0
         best_blocks = max(m.blocks for m in ctx.matches())
+        if self.hit_scaled:
+            work_weight *= min(1.0, best_blocks * bs / prompt) if prompt else 0.0
+        # The duplication charge: the tokens of the longest match that this worker would recompute
+        # are written into its cache a second time, evicting as many of other prefixes' tokens. That
+        # costs cache, not queue time, so it is not scaled by the load.
+        dup_weight = self.dup_weight
         out = []
-        evict = None
-        if self.evict_weight and r.now is not None:
-            written = [self._written_at(w.worker_id, r.now) for w in workers]
-            mean_written = sum(written) / len(workers)
-            if mean_written > 0:
-                evict = [max(-1.0, min(1.0, x / mean_written - 1.0)) * self.evict_weight for x in written]
         now = r.now if self.track_steps else None
-        for k, (w, m, queued) in enumerate(zip(workers, ctx.matches(), waiting)):
+        for w, m, queued in zip(workers, ctx.matches(), waiting):
             speed = w.prefill_tokens_per_s or self.speed
             # Queue: prompts ahead of us. Ours are known exactly; the report only counts requests,
             # sized like our own pending ones (or a default when we have none there).
@@ -187,10 +167,8 @@ class TTFTScorer:
                 load_s = sum(t[i] * bs / load_speed[i] for i in (1, 2, 3) if t[i])
             ttft = queue_s + admit_s + prefill_s + load_s
             cost = ttft + work_weight * prefill_s
-            if evict is not None:
-                cost += evict[k] * (prefill_s - overhead)
-            if self.dup_weight and best_blocks > m.blocks:
-                cost += self.dup_weight * (best_blocks - m.blocks) * bs / speed
+            if dup_weight and best_blocks > m.blocks:
+                cost += dup_weight * min(prompt, (best_blocks - m.blocks) * bs) / speed
             if self.batch_weight and batch:
                 cost += self.batch_weight * batch * prefill_s  # delays those it is batched with
             out.append((cost, ttft, queue_s, admit_s, prefill_s, load_s, float(uncached)))
