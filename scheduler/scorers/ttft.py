@@ -31,13 +31,13 @@ class TTFTScorer:
                  default_request_tokens: int = 1024, request_duration_s: float = 2.0,
                  load_tokens_per_s: Mapping[str, float] | None = None, work_weight: float = 0.0,
                  load_scaled: bool = True, hit_scaled: bool = True, track_steps: bool = False,
-                 batch_weight: float = 0.0, batch_window_s: float = 0.01, dup_weight: float = 0.0) -> None:
+                 batch_weight: float = 0.0, batch_window_s: float = 0.01) -> None:
         if prefill_tokens_per_s <= 0 or request_duration_s <= 0:
             raise ValueError("prefill_tokens_per_s and request_duration_s must be positive")
         if work_weight < 0 or step_overhead_s < 0 or default_request_tokens < 0:
             raise ValueError("work_weight, step_overhead_s and default_request_tokens must be >= 0")
-        if batch_weight < 0 or batch_window_s < 0 or dup_weight < 0:
-            raise ValueError("batch_weight, batch_window_s and dup_weight must be >= 0")
+        if batch_weight < 0 or batch_window_s < 0:
+            raise ValueError("batch_weight and batch_window_s must be >= 0")
         self.speed = float(prefill_tokens_per_s)
         self.overhead = float(step_overhead_s)
         self.default_tokens = int(default_request_tokens)
@@ -49,7 +49,6 @@ class TTFTScorer:
         self.track_steps = bool(track_steps)
         self.batch_weight = float(batch_weight)
         self.batch_window_s = float(batch_window_s)
-        self.dup_weight = float(dup_weight)
         self._steps: dict[str, _Steps] = {}
 
     def _view(self, w: WorkerState, now: float | None, speed: float) -> _Steps | None:
@@ -97,7 +96,7 @@ class TTFTScorer:
 
     def predict(self, ctx: ScoringContext, workers: list[WorkerState]) -> list[tuple[float, ...]]:
         """Per worker: (cost, ttft, queue_s, admit_s, prefill_s, load_s, uncached tokens);
-        cost = ttft + work charge + batch charge + duplication charge."""
+        cost = ttft + work charge + batch charge."""
         r = ctx.request
         bs = r.block_size
         prompt = r.prompt_tokens
@@ -112,13 +111,9 @@ class TTFTScorer:
         work_weight = self.work_weight
         if self.load_scaled:
             work_weight *= min(1.0, sum(waiting) / len(workers))
-        best_blocks = max(m.blocks for m in ctx.matches())
         if self.hit_scaled:
-            work_weight *= min(1.0, best_blocks * bs / prompt) if prompt else 0.0
-        # The duplication charge: the tokens of the longest match that this worker would recompute
-        # are written into its cache a second time, evicting as many of other prefixes' tokens. That
-        # costs cache, not queue time, so it is not scaled by the load.
-        dup_weight = self.dup_weight
+            best = max(m.blocks for m in ctx.matches()) * bs
+            work_weight *= min(1.0, best / prompt) if prompt else 0.0
         out = []
         now = r.now if self.track_steps else None
         for w, m, queued in zip(workers, ctx.matches(), waiting):
@@ -167,8 +162,6 @@ class TTFTScorer:
                 load_s = sum(t[i] * bs / load_speed[i] for i in (1, 2, 3) if t[i])
             ttft = queue_s + admit_s + prefill_s + load_s
             cost = ttft + work_weight * prefill_s
-            if dup_weight and best_blocks > m.blocks:
-                cost += dup_weight * min(prompt, (best_blocks - m.blocks) * bs) / speed
             if self.batch_weight and batch:
                 cost += self.batch_weight * batch * prefill_s  # delays those it is batched with
             out.append((cost, ttft, queue_s, admit_s, prefill_s, load_s, float(uncached)))

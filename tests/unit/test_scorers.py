@@ -220,28 +220,6 @@ def test_ttft_work_charge_scales_with_the_reusable_share_of_the_prompt():
     assert c.details["ttft.cost_s"] == approx([1.2 * 3, 1.6 * 3])
 
 
-def test_ttft_dup_weight_charges_recomputing_what_another_worker_holds():
-    ix = BlockIndex()
-    req = request(100)  # 1600 tokens
-    ix.stored("full", "m", req.block_hashes)
-    ix.stored("part", "m", req.block_hashes[:60])
-    workers = ws("full", "part", "idle")
-    workers[0].pending_prefill, workers[0].pending_prefill_tokens = 1, 2000  # the holder: 2 s queue
-    scorer = TTFTScorer(prefill_tokens_per_s=1000, step_overhead_s=0.0, dup_weight=2.0)
-    c = ctx(req, workers, ix)
-    scores = scorer.score(c, workers)
-    # 0, 40 and 100 of the holder's blocks recomputed (x 16 tokens / 1000 tok/s x 2), at any load
-    # (one of three workers has a request waiting: no load-scaled work charge here, work_weight 0).
-    assert c.details["ttft.predicted_s"] == approx([2.001, 0.64, 1.6])
-    assert c.details["ttft.cost_s"] == approx([2.001, 0.64 + 2 * 0.64, 1.6 + 2 * 1.6])
-    assert scores.index(1.0) == 0  # the holder, though 1.36 s slower
-    # Without the charge the partial holder wins on TTFT.
-    plain = TTFTScorer(prefill_tokens_per_s=1000, step_overhead_s=0.0)
-    assert plain.score(ctx(req, workers, ix), workers).index(1.0) == 1
-    with pytest.raises(ValueError):
-        TTFTScorer(dup_weight=-1.0)
-
-
 def _route(scorer, workers, i, tokens, now):
     """Score a cold prompt of `tokens` at `now`, commit it to workers[i] and dispatch it there."""
     req = request(tokens // BS, tokens=tokens, now=now)
