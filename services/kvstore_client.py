@@ -187,7 +187,7 @@ class AsyncKVStoreClient:
         hash before them, required when start > 0) — so the store's chunk records stay aligned."""
         r = await self.stub.ReserveWrite(kvstore_pb2.ReserveWriteRequest(
             chain=_chain(model, layout, hashes), block_bytes=block_bytes, lease_s=lease_s,
-            start_position=start, parent_block_hash=parent), timeout=timeout_s or self.timeout_s)
+            start_position=start, parent_block_hash=parent), timeout=self.timeout_s)
         return Reservation(r.write_id, _slots(r.slots), r.lease_s)
 
     async def commit(self, write_id: str, checksums: Sequence[int] | None = None) -> tuple[int, list[int]]:

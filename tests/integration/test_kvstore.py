@@ -430,3 +430,17 @@ def test_mtls_store_serves_trusted_clients_only(stores, tmp_path, etcd) -> None:
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     with KVStoreClient(store.address, timeout_s=3) as c, pytest.raises(grpc.RpcError):
         c.lookup(MODEL, LAYOUT, [1])  # plaintext
+
+
+async def test_async_client_reserves_and_aborts_a_write(stores, tmp_path, etcd) -> None:
+    store = new_store(stores, tmp_path, etcd, "kvs-async-write", disk=False)
+    client = AsyncKVStoreClient(store.address)
+    try:
+        hashes = chain(71, 3)
+        reservation = await client.reserve(MODEL, LAYOUT, BLOCK, hashes)
+        assert [s.block_hash for s in reservation.slots] == hashes and reservation.write_id
+        assert (await client.stats()).reserved_blocks == 3
+        await client.abort(reservation.write_id)
+        assert (await client.stats()).reserved_blocks == 0
+    finally:
+        await client.close()
