@@ -102,6 +102,11 @@ STORE_SLICE_BLOCKS = 8
 _UNANSWERED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE})
 
 
+def _unanswered(exc: Exception) -> bool:
+    """Whether `exc` says the store did not answer (deadline, unreachable)."""
+    return isinstance(exc, grpc.RpcError) and exc.code() in _UNANSWERED  # type: ignore[attr-defined]
+
+
 def _brief(exc: Exception) -> str:
     """An RPC error as its code and details (grpc's str() of one spans lines), others as str()."""
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
@@ -292,7 +297,7 @@ class StoreManager(OffloadingManager):
                     # (In the cool-down the pin is left to its lease: the store frees it then.)
                     self._client.unpin(arg, timeout_s=self._lookup_timeout_s)
             except Exception as exc:  # noqa: BLE001
-                if isinstance(exc, grpc.RpcError) and exc.code() in _UNANSWERED:  # type: ignore[attr-defined]
+                if _unanswered(exc):
                     self.circuit.failed(time.monotonic(), exc.code().name)  # type: ignore[attr-defined]
                 self._warn(f"KV store {op} failed: {_brief(exc)}")
 
@@ -621,10 +626,10 @@ class StoreWorker(OffloadingWorker):
         self.dropped_blocks += blocks
         return True
 
-    def _unanswered(self, job_id: int, blocks: int, exc: Exception) -> bool:
-        """True, with the circuit opened, when `exc` says the store did not answer (deadline,
-        unreachable): then no other path is tried, the blocks are dropped."""
-        if not (isinstance(exc, grpc.RpcError) and exc.code() in _UNANSWERED):  # type: ignore[attr-defined]
+    def _dropped_unanswered(self, job_id: int, blocks: int, exc: Exception) -> bool:
+        """True, with the circuit opened, when `exc` says the store did not answer: then no
+        other path is tried, the blocks are dropped."""
+        if not _unanswered(exc):
             return False
         self.circuit.failed(time.monotonic(), exc.code().name)  # type: ignore[attr-defined]
         self.dropped_blocks += blocks
@@ -669,7 +674,7 @@ class StoreWorker(OffloadingWorker):
             if write_id:
                 with contextlib.suppress(Exception):
                     self._client.abort(write_id, timeout_s=timeout)
-            if self._unanswered(job_id, len(block_ids), exc):
+            if self._dropped_unanswered(job_id, len(block_ids), exc):
                 return True
             log.warning("KV store: NIXL store job %d failed (%s); trying gRPC", job_id, exc)
             return False
@@ -686,7 +691,7 @@ class StoreWorker(OffloadingWorker):
             if rejected:
                 log.warning("KV store: %d blocks of store job %d rejected (checksum)", len(rejected), job_id)
         except Exception as exc:  # noqa: BLE001
-            if not self._unanswered(job_id, len(block_ids), exc):
+            if not self._dropped_unanswered(job_id, len(block_ids), exc):
                 log.warning("KV store: store job %d (%d blocks) dropped: %s", job_id, len(block_ids), exc)
 
     def _load(self, job_id: int, block_ids: list[int], blocks: StoreBlocks) -> bool:
