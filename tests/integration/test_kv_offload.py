@@ -26,15 +26,25 @@ def key(h: int) -> bytes:
     return make_offload_key(bytes(24) + h.to_bytes(8, "big"), 0)
 
 
-@pytest.fixture(scope="module")
-def store(etcd, tmp_path_factory) -> str:
+def start_store(etcd, log_dir) -> tuple[str, Child]:  # noqa: ANN001
+    """A 16 MiB `llm-mesh kvstore` (gRPC only), ready: (address, its Child)."""
     port = free_port()
     child = Child.llm_mesh("kvstore", ["kvstore", "--port", str(port), "--etcd", etcd.endpoint, "--ram-mib", "16",
-                                       "--nixl", "off"], tmp_path_factory.mktemp("kv-offload"))
+                                       "--nixl", "off"], log_dir)
     child.start()
     try:
         child.wait_ready(lambda: grpc_serving(f"127.0.0.1:{port}"), 60)
-        yield f"127.0.0.1:{port}"
+    except BaseException:
+        child.stop()
+        raise
+    return f"127.0.0.1:{port}", child
+
+
+@pytest.fixture(scope="module")
+def store(etcd, tmp_path_factory) -> str:
+    address, child = start_store(etcd, tmp_path_factory.mktemp("kv-offload"))
+    try:
+        yield address
     finally:
         child.stop()
 
@@ -202,13 +212,9 @@ def test_a_sim_worker_refuses_kv_offload():
 @pytest.fixture
 def frozen_store(etcd, tmp_path):
     """A store of its own (the tests SIGSTOP it): (address, its Child)."""
-    port = free_port()
-    child = Child.llm_mesh("kvstore", ["kvstore", "--port", str(port), "--etcd", etcd.endpoint, "--ram-mib", "16",
-                                       "--nixl", "off"], tmp_path)
-    child.start()
+    address, child = start_store(etcd, tmp_path)
     try:
-        child.wait_ready(lambda: grpc_serving(f"127.0.0.1:{port}"), 60)
-        yield f"127.0.0.1:{port}", child
+        yield address, child
     finally:
         child.signal(signal.SIGCONT)
         child.stop()
