@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from scheduler.index import BlockIndex, PrefixMatch, Tier
@@ -310,24 +310,25 @@ class Committing(Protocol):
 DEFAULT_TIER_WEIGHTS = {Tier.ENGINE: 1.0, Tier.HOST: 0.75, Tier.DISK: 0.25, Tier.STORE: 0.5}
 
 
-def store_run(raw: dict[str, PrefixMatch], worker_ids: set[str] | frozenset[str]) -> int:
-    """The longest leading run of the prompt held by a KV store: a holder that is not one of
-    `worker_ids` and holds its whole run in the STORE tier (a worker's own STORE-tier blocks are
-    in its own match already). 0 without a store."""
-    run = 0
-    for holder, m in raw.items():
-        if holder not in worker_ids and m.blocks and m.by_tier[Tier.STORE] == m.blocks:
-            run = max(run, m.blocks)
-    return run
+def store_continuations(index: BlockIndex, request: RequestView, starts: Iterable[int],
+                        exclude: set[str] | frozenset[str] = frozenset()) -> dict[int, int]:
+    """For each start (a worker's own run length): how many blocks past it a KV store holds
+    consecutively (the longest over stores that are not in `exclude`). An engine loads exactly
+    these: vLLM's offloading connector looks up the blocks after its local hit. {} without a store."""
+    stores = [h for h in index.holders_in_tier(Tier.STORE) if h not in exclude]
+    if not stores or not request.block_hashes:
+        return {}
+    model, hashes = request.model, request.block_hashes
+    return {k: max(index.run_from(s, model, hashes, k) for s in stores) for k in set(starts)}
 
 
-def with_store(m: PrefixMatch, run: int) -> PrefixMatch:
-    """A worker's match extended by the store's blocks beyond it (they continue its own run)."""
-    if run <= m.blocks:
+def with_store(m: PrefixMatch, extra: int) -> PrefixMatch:
+    """A worker's match extended by `extra` store blocks right after its own run."""
+    if extra <= 0:
         return m
     by = list(m.by_tier)
-    by[Tier.STORE] += run - m.blocks
-    return PrefixMatch(run, by)
+    by[Tier.STORE] += extra
+    return PrefixMatch(m.blocks + extra, by)
 
 
 class ScoringContext:
@@ -355,17 +356,17 @@ class ScoringContext:
     def matches(self) -> list[PrefixMatch]:
         """Per worker (aligned with `self.workers`): its usable leading blocks by tier.
 
-        Its own blocks (any tier), extended beyond them by the shared KV store's
-        run (STORE tier: any worker can load from the store), and by the
-        speculative overlay (blocks of requests we just routed there whose KV
-        events haven't arrived; counted as ENGINE). A worker whose block size
-        differs from the request's matches nothing.
+        Its own blocks (any tier), extended by the speculative overlay (blocks of
+        requests we just routed there whose KV events haven't arrived; counted as
+        ENGINE), then by the KV store's blocks that continue that run (STORE tier:
+        an engine loads from the store the blocks after its own hit, as vLLM's
+        offloading connector does). A worker whose block size differs from the
+        request's matches nothing.
         """
         if self._matches is not None:
             return self._matches
         raw = self.raw_matches
         r = self.request
-        store = store_run(raw, {w.worker_id for w in self.workers}) if raw else 0
         spec = self.overlay.match(r) if self.overlay is not None else {}
         empty = PrefixMatch(0, [0, 0, 0, 0])
         out = []
@@ -379,7 +380,12 @@ class ScoringContext:
                 by = list(m.by_tier)
                 by[Tier.ENGINE] += extra_engine
                 m = PrefixMatch(m.blocks + extra_engine, by)
-            out.append(with_store(m, store))
+            out.append(m)
+        ids = {w.worker_id for w in self.workers}
+        store = store_continuations(self.index, r, (m.blocks for m in out), ids)
+        if store:
+            out = [with_store(m, store[m.blocks]) if w.block_size == r.block_size else m
+                   for w, m in zip(self.workers, out)]
         self._matches = out
         return out
 

@@ -234,6 +234,30 @@ class BlockIndex:
             out[worker] = PrefixMatch(sum(by_tier), by_tier)
         return out
 
+    def holders_in_tier(self, tier: Tier) -> list[str]:
+        """Holders with a live slot in `tier` (e.g. the KV stores, for Tier.STORE)."""
+        return [w for (w, t) in self._slot_of if t == tier]
+
+    def run_from(self, holder: str, model: str, block_hashes: Sequence[int], start: int) -> int:
+        """How many consecutive blocks from `block_hashes[start]` on `holder` holds (any tier).
+
+        What an engine can load from a KV store after its own cached run (vLLM's offloading
+        connector looks up the blocks past the local hit). Touches nothing."""
+        bits = self._worker_bits.get(holder, 0) & self._live
+        young, old = self._young.get(model), self._old.get(model)
+        if not bits or (young is None and old is None):
+            return 0
+        n = 0
+        for h in block_hashes[start:]:
+            k = h & _MASK
+            v = young[k].get(h) if young is not None else None
+            if v is None and old is not None:
+                v = old[k].get(h)
+            if not v or not v & bits:
+                break
+            n += 1
+        return n
+
     def match(self, model: str, block_hashes: Sequence[int]) -> dict[str, list[Tier]]:
         """Per worker holding at least the first block: the best tier of each of its leading blocks."""
         out: dict[str, list[Tier]] = {}

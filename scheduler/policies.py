@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from scheduler.filters import DEFAULT_FILTERS, FILTERS
 from scheduler.framework import (
-    Decision, Filter, Policy, RequestView, WorkerState, minmax_lower_better, start_decision, store_run, with_store,
+    Decision, Filter, Policy, RequestView, WorkerState, minmax_lower_better, start_decision, store_continuations, with_store,
 )
 from scheduler.index import NUM_TIERS, BlockIndex, PrefixMatch
 from scheduler.profile import load_profile
@@ -91,10 +91,11 @@ class SGLangCacheAware:
         d.components = {f"sglang.{branch}": scores}  # the branch the rule took
         d.worker_id = eligible[i].worker_id
         d.prefix = index.match_prefix(request.model, request.block_hashes) if n else {}
-        ids = {w.worker_id for w in workers}
-        run = store_run(d.prefix, ids)
         empty = _empty_match()
-        d.usable = {w.worker_id: with_store(d.prefix.get(w.worker_id, empty), run) for w in eligible} if n else {}
+        own = {w.worker_id: d.prefix.get(w.worker_id, empty) for w in eligible} if n else {}
+        store = store_continuations(index, request, (m.blocks for m in own.values()),
+                                    {w.worker_id for w in workers})
+        d.usable = {wid: with_store(m, store.get(m.blocks, 0)) for wid, m in own.items()}
         held = d.prefix.get(d.worker_id)
         d.cached_tokens = min(request.prompt_tokens, (held.by_tier[0] if held else 0) * request.block_size)
         d.prefill_tokens = max(0, request.prompt_tokens - (held.blocks if held else 0) * request.block_size)
@@ -157,7 +158,7 @@ class MooncakeConductor:
         bs = request.block_size
         raw = index.match_prefix(request.model, request.block_hashes) if request.block_hashes else {}
         own = [raw[w.worker_id].blocks if w.worker_id in raw and w.block_size == bs else 0 for w in eligible]
-        store = store_run(raw, {w.worker_id for w in workers}) if raw else 0
+        store = store_continuations(index, request, own, {w.worker_id for w in workers}) if raw else {}
         best_len = max(own)
         cols: dict[str, list[float]] = {k: [] for k in ("transfer_s", "queue_s", "prefill_s", "predicted_s")}
         for w, mine in zip(eligible, own):
@@ -165,9 +166,10 @@ class MooncakeConductor:
             transfer_s, prefix = 0.0, mine
             if self.threshold is not None and best_len > self.threshold * mine:
                 prefix, transfer_s = best_len, (best_len - mine) * bs / self.transfer_speed
-            if store > prefix:
-                transfer_s += (store - prefix) * bs / self.transfer_speed
-                prefix = store
+            extra = store.get(mine, 0) if prefix == mine else 0  # the store's blocks after its own run
+            if extra:
+                transfer_s += extra * bs / self.transfer_speed
+                prefix += extra
             avg = w.pending_prefill_tokens / w.pending_prefill if w.pending_prefill else self.default_tokens
             ahead_tokens = max(w.pending_prefill_tokens, w.reported_waiting * avg)
             queue_s = ahead_tokens / speed + w.waiting * self.overhead
@@ -181,8 +183,8 @@ class MooncakeConductor:
         d.components = {"mooncake.ttft": d.totals}
         d.prefix = raw
         empty = _empty_match()
-        d.usable = {w.worker_id: with_store(raw.get(w.worker_id, empty) if w.block_size == bs else empty, store)
-                    for w in eligible} if raw else {}
+        d.usable = {w.worker_id: with_store(raw.get(w.worker_id, empty), store.get(mine, 0))
+                    if w.block_size == bs else empty for w, mine in zip(eligible, own)} if raw else {}
         if self.ttft_slo_s is not None and best > self.ttft_slo_s:
             d.reason = f"rejected: predicted TTFT {best:.3f}s > SLO {self.ttft_slo_s:.3f}s"
             return d
@@ -191,7 +193,7 @@ class MooncakeConductor:
         d.worker_id = chosen.worker_id
         held = raw.get(chosen.worker_id)
         d.cached_tokens = min(request.prompt_tokens, (held.by_tier[0] if held else 0) * bs)
-        d.prefill_tokens = max(0, request.prompt_tokens - max(own[i], store) * bs)
+        d.prefill_tokens = max(0, request.prompt_tokens - (own[i] + store.get(own[i], 0)) * bs)
         if not dry_run:
             self._seq += 1
             chosen.last_picked = self._seq

@@ -215,3 +215,18 @@ def test_many_workers_coming_and_going_keep_masks_small():
     ix.stored("last", "m", [1])
     assert ix.peek("m", 1) == {"last": E}
     assert max(ix._slot_of.values()) < 64  # retired slots were compacted and reused
+
+
+def test_run_from_counts_a_holders_blocks_from_any_position():
+    ix = BlockIndex()
+    ix.stored("store", "m", [3, 4, 5], Tier.STORE)
+    ix.stored("store", "m", [7])
+    assert ix.holders_in_tier(Tier.STORE) == ["store"]
+    assert ix.run_from("store", "m", [1, 2, 3, 4, 5, 6, 7], 2) == 3
+    assert ix.run_from("store", "m", [1, 2, 3, 4, 5, 6, 7], 0) == 0  # it lacks block 0
+    assert ix.run_from("store", "m", [1, 2, 3, 4, 5, 6, 7], 6) == 1
+    assert ix.run_from("store", "other", [3, 4], 0) == 0
+    assert ix.run_from("nobody", "m", [3, 4], 0) == 0
+    ix.cleared("store", Tier.STORE)
+    assert ix.holders_in_tier(Tier.STORE) == [] and ix.run_from("store", "m", [3, 4, 5], 0) == 0
+    assert ix.run_from("store", "m", [7], 0) == 1  # its ENGINE-tier slot is still live
