@@ -7,7 +7,7 @@ import asyncio
 import inspect
 import signal
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -83,8 +83,10 @@ class InputGuard(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
+        if handler.request_streaming and not handler.response_streaming:
+            return handler  # (client-streaming uploads: KVStore.PutBlocks checks its own messages)
         parse = handler.request_deserializer
 
         def deserialize(raw: bytes) -> Any:
@@ -95,6 +97,21 @@ class InputGuard(grpc.aio.ServerInterceptor):
 
         async def reject(context: grpc.aio.ServicerContext, request: _Undecodable) -> None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.reason}")
+
+        def guard_streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                async def checked() -> AsyncIterator[Any]:
+                    async for request in requests:
+                        if isinstance(request, _Undecodable):
+                            await reject(context, request)
+                        yield request
+                async for response in behavior(checked(), context):
+                    yield response
+            return stream_stream
+
+        if handler.request_streaming:
+            return handler._replace(request_deserializer=deserialize,
+                                    stream_stream=guard_streaming(handler.stream_stream))
 
         def guard(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if inspect.isasyncgenfunction(behavior):

@@ -251,7 +251,7 @@ class Router:
                 "llm_mesh.worker.id": worker.state.worker_id,
                 "llm_mesh.pd.kv_pulled": worker_request.HasField("remote_prefill")})
             with tracing.current(decode):  # the worker call is the decode span's child
-                call = worker.stub.Generate(worker_request, timeout=context.time_remaining())
+                call = worker.generate(worker_request, timeout=context.time_remaining())
             first = True
             async for out in call:
                 response = inference_pb2.GenerateResponse(
@@ -313,7 +313,7 @@ class Router:
         remaining = context.time_remaining()
         timeout = self.prefill_timeout_s if remaining is None else min(remaining, self.prefill_timeout_s)
         started = time.monotonic()
-        call = worker.stub.Generate(request, timeout=timeout)
+        call = worker.generate(request, timeout=timeout)
         kv, failure = None, "no kv_transfer in the prefill leg's reply"
         try:
             async for out in call:

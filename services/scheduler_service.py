@@ -205,6 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests admitted per worker beyond a full batch, as a fraction of max_num_seqs; "
                              "beyond that: RESOURCE_EXHAUSTED / HTTP 429 with a retry hint")
     parser.add_argument("--no-admission", action="store_true", help="admit every request (no 429s)")
+    parser.add_argument("--no-worker-stream", action="store_true",
+                        help="one Worker.Generate call per request instead of one GenerateStream per worker")
     parser.add_argument("--model", action="append", default=None, metavar="NAME=DIR",
                         help=f"a model to serve and its tokenizer directory (repeatable; default "
                              f"{DEFAULT_MODEL_NAME}=<the fetched model>)")
@@ -247,7 +249,7 @@ async def serve(args: argparse.Namespace) -> None:
     tokenizers = {name: ModelTokenizer(path) for name, path in parse_models(args.model).items()}
     endpoints = parse_endpoints(args.etcd)
     tls_files, etcd = tls.from_args(args), etcd_settings(args)
-    pool = WorkerPool(endpoints, etcd=etcd, tls=tls_files)
+    pool = WorkerPool(endpoints, etcd=etcd, tls=tls_files, use_stream=not args.no_worker_stream)
     policy = load_profile(args.profile) if args.profile else policy_by_name(args.policy)
     router = Router(pool, tokenizers, policy, prefill_timeout_s=args.prefill_timeout,
                     retry=RetryPolicy(max_attempts=args.max_attempts),

@@ -257,7 +257,7 @@ class _ServerTracing(grpc.aio.ServerInterceptor):
             return handler._replace(unary_unary=_traced_unary(method, handler.unary_unary))
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=_traced_stream(method, handler.unary_stream))
-        return handler  # client-streaming RPCs: llm_mesh.v1 has none
+        return handler  # streamed requests: Worker.GenerateStream traces each request (worker_stream.py)
 
 
 def _start_server_span(method: str, context: grpc.aio.ServicerContext) -> tuple[Span, object] | None:
@@ -323,6 +323,64 @@ def _traced_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., A
             raise
         _end_server_span(span, token, context, None)
     return traced
+
+
+# ---------------------------------------------------------------- calls multiplexed on a stream
+# (services/worker_stream.py): each request on a Worker.GenerateStream is traced as the unary
+# call it stands for, CLIENT span on the scheduler, SERVER span on the worker, the trace context
+# in the request message instead of metadata.
+
+
+def stream_client_span(method: str, target: str) -> Span | None:
+    """A CLIENT span for one request on a stream, inside a trace only (as the interceptor)."""
+    if _provider is None or not trace.get_current_span().get_span_context().is_valid:
+        return None
+    host, _, port = target.rpartition(":")
+    peer: dict[str, Any] = {"server.address": host or target}
+    if port.isdigit():
+        peer["server.port"] = int(port)
+    return tracer.start_span(method.lstrip("/"), kind=SpanKind.CLIENT, attributes=_rpc_attributes(method) | peer)
+
+
+def inject(span: Span | None) -> dict[str, str]:
+    """The W3C trace context (traceparent, tracestate) that makes the callee a child of `span`."""
+    carrier: dict[str, str] = {}
+    if span is not None:
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
+
+
+def end_client_span(span: Span | None, code: grpc.StatusCode, message: str) -> None:
+    if span is None:
+        return
+    if code == grpc.StatusCode.OK:
+        span.set_attribute("rpc.grpc.status_code", 0)
+    else:
+        record_error(span, code, message)
+    span.end()
+
+
+@contextlib.contextmanager
+def stream_server_span(method: str, carrier: Mapping[str, str]) -> Iterator[Span]:
+    """A current SERVER span for one request on a stream, child of the caller's trace context
+    (`carrier`); OK unless an error was recorded on it. Off: a span that records nothing."""
+    if _provider is None:
+        yield trace.INVALID_SPAN
+        return
+    parent = propagate.extract(dict(carrier))
+    span = tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
+                             attributes=_rpc_attributes(method))
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    try:
+        yield span
+    except BaseException as exc:
+        fail(span, exc)
+        raise
+    finally:
+        if span.is_recording() and not span.attributes.get("rpc.grpc.status_code"):  # type: ignore[attr-defined]
+            span.set_attribute("rpc.grpc.status_code", 0)
+        otel_context.detach(token)
+        span.end()
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:

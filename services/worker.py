@@ -25,7 +25,7 @@ import grpc
 from google.protobuf import json_format
 
 from llm_mesh.v1 import membership_pb2, sampling_pb2, worker_pb2, worker_pb2_grpc
-from services import __version__, security, tls
+from services import __version__, security, tls, worker_stream
 from services.engines.base import Engine, EngineInfo, EngineRequest, KVTransferParams, SamplingOptions
 from services.grpc_util import RpcError, abort, invalid, make_server, run_service, stop_event_on_signals
 from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, KVEventLog
@@ -87,16 +87,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.counters = worker_pb2.WorkerLoad()
         self.kv_log = kv_log if kv_log is not None else KVEventLog()
         self.heartbeat_s = heartbeat_s
+        self.draining = asyncio.Event()  # set when the worker leaves: GenerateStreams end once idle
         engine.set_kv_event_sink(self.kv_log.append)
 
     async def Generate(
         self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
         try:
-            engine_request = self._validate(request)
+            async for response in self._generate(request):
+                yield response
         except RpcError as error:
             await abort(context, error)
-            return
+
+    async def GenerateStream(
+        self, request_iterator: AsyncIterator[worker_pb2.GenerateStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateStreamResponse]:
+        async for batch in worker_stream.serve(request_iterator, self._generate, self.draining):
+            yield batch
+
+    async def _generate(self, request: worker_pb2.WorkerGenerateRequest
+                        ) -> AsyncIterator[worker_pb2.WorkerGenerateResponse]:
+        """One request, as both Generate and GenerateStream run it; a failure raises RpcError.
+        Closing the generator early (cancel, deadline) aborts the engine request."""
+        engine_request = self._validate(request)
         self.counters.prompt_tokens += len(engine_request.prompt_token_ids)
         traced = GenerateTrace(engine_request, self.info.model, self.role)
         outputs = self.engine.generate(engine_request)
@@ -119,7 +132,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield response
         except ValueError as exc:  # the engine rejected the input (e.g. token id out of vocabulary)
             traced.fail(exc)
-            await abort(context, invalid(str(exc), "prompt_token_ids"))
+            raise invalid(str(exc), "prompt_token_ids") from exc
         finally:
             traced.close()
             # Closing the engine's generator aborts the engine request when the
@@ -370,8 +383,9 @@ async def serve(args: argparse.Namespace) -> None:
             await stop.wait()
             await readiness.drain()
         log.info("worker %s left the mesh; draining", member_id)
-        # Event streams never end by themselves: they must not hold up the drain.
+        # Event streams and GenerateStreams never end by themselves: they must not hold up the drain.
         servicer.kv_log.close()
+        servicer.draining.set()
         await server.stop(grace=args.drain_seconds)
     finally:
         await readiness.close()

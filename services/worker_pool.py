@@ -22,6 +22,7 @@ from services.grpc_util import CHANNEL_OPTIONS
 from services.tracing import client_interceptors
 from services.membership import EtcdSettings, MemberDirectory
 from services.tls import TlsFiles, open_channel
+from services.worker_stream import StreamCall, WorkerStream
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,13 @@ LEFT_GRACE_S = 300.0
 
 
 class PooledWorker:
-    def __init__(self, member: membership_pb2.Member, tls: TlsFiles | None = None) -> None:
+    def __init__(self, member: membership_pb2.Member, tls: TlsFiles | None = None, use_stream: bool = True) -> None:
         self.member = member
         self.channel = open_channel(member.address, tls, options=CHANNEL_OPTIONS,
                                     interceptors=client_interceptors(member.address))
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        # Generate calls go over one multiplexed stream (services/worker_stream.py) unless off.
+        self.stream = WorkerStream(self.stub, member.address) if use_stream else None
         info = member.worker
         self.state = WorkerState(
             worker_id=member.id, model=info.model, max_num_seqs=info.max_num_seqs or 1,
@@ -42,15 +45,25 @@ class PooledWorker:
         )
         self.load = worker_pb2.WorkerLoad()
 
+    def generate(self, request: worker_pb2.WorkerGenerateRequest, timeout: float | None
+                 ) -> StreamCall | grpc.aio.UnaryStreamCall:
+        """Start Generate on this worker: a request on its stream, or a call of its own."""
+        if self.stream is not None:
+            return self.stream.generate(request, timeout)
+        return self.stub.Generate(request, timeout=timeout)
+
     async def close(self, grace: float | None = None) -> None:
+        if self.stream is not None:
+            await self.stream.close(grace)
         await self.channel.close(grace=grace)
 
 
 class WorkerPool:
     def __init__(self, etcd_endpoints: Sequence[str], poll_interval_s: float = 1.0, *,
-                 etcd: EtcdSettings | None = None, tls: TlsFiles | None = None) -> None:
+                 etcd: EtcdSettings | None = None, tls: TlsFiles | None = None, use_stream: bool = True) -> None:
         self.workers: dict[str, PooledWorker] = {}
         self.tls = tls  # client side of the links to workers (services/tls.py)
+        self.use_stream = use_stream  # Generate over one GenerateStream per worker (else a call each)
         self.directory = MemberDirectory(etcd_endpoints, membership_pb2.MEMBER_KIND_WORKER, etcd)
         self.directory.add_listener(self._on_member)
         self.store_directory = MemberDirectory(etcd_endpoints, membership_pb2.MEMBER_KIND_KVSTORE, etcd)
@@ -111,7 +124,7 @@ class WorkerPool:
             task.add_done_callback(lambda t, w=old: (self._closing.discard(t), self._departed.discard(w)))
         if member is not None:
             log.info("worker %s joined at %s serving %s", member_id, member.address, member.worker.model)
-            self.workers[member_id] = PooledWorker(member, self.tls)
+            self.workers[member_id] = PooledWorker(member, self.tls, self.use_stream)
 
     async def _poll_loop(self) -> None:
         while True:

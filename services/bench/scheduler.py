@@ -16,7 +16,8 @@ Four measurements, one run, each against its target (docs: issue 3, item 7):
               worker processes on a real etcd, driven by several client
               processes, each with many concurrent gRPC Generate streams
               (token_ids input, so tokenization is not measured; max_tokens=1).
-              Target: >= 1,000 requests/s.
+              `--worker-calls stream,unary` measures the scheduler's two ways of
+              calling workers in a row. Target: >= 1,000 requests/s.
 
 Every process started here is stopped by its pid, also on failure.
 """
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=15.0, help="measured seconds (after --warmup)")
     g.add_argument("--warmup", type=float, default=2.0)
     g.add_argument("--prompt-tokens", type=int, default=256, help="token_ids per request")
+    g.add_argument("--worker-calls", default="stream",
+                   help="comma-separated: stream (the default: one GenerateStream per worker), unary "
+                        "(a Worker.Generate call per request); several run in a row, the first is the result")
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -377,6 +381,26 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def bench_rps(args: argparse.Namespace) -> dict:
+    """One run per --worker-calls mode, in a row; the first is the result, the others beside it."""
+    modes = [m.strip() for m in args.worker_calls.split(",") if m.strip()]
+    if not modes or any(m not in WORKER_CALLS for m in modes):
+        raise SystemExit(f"--worker-calls: comma-separated {'/'.join(WORKER_CALLS)}, got {args.worker_calls!r}")
+    runs = {}
+    for mode in modes:
+        print(f"  worker calls: {mode} ({WORKER_CALLS[mode]})", flush=True)
+        runs[mode] = _rps_run(args, mode)
+    out = dict(runs[modes[0]])
+    if len(runs) > 1:
+        out["by_worker_calls"] = runs
+    return out
+
+
+# How the scheduler calls the workers (scheduler --no-worker-stream selects the second).
+WORKER_CALLS = {"stream": "one Worker.GenerateStream per worker, requests multiplexed on it",
+                "unary": "one Worker.Generate call per request"}
+
+
+def _rps_run(args: argparse.Namespace, worker_calls: str) -> dict:
     from services.etcd_server import EtcdServer
     from services.model_fetch import DEFAULT_MODEL_NAME, default_model_dir, ensure_model
     from services.procs import Child, free_port, grpc_serving
@@ -402,7 +426,8 @@ def bench_rps(args: argparse.Namespace) -> dict:
         port = free_port()
         address = f"127.0.0.1:{port}"
         scheduler = Child.llm_mesh("scheduler", ["scheduler", "--port", str(port), "--etcd", etcd.endpoint,
-                                                 "--model", f"{DEFAULT_MODEL_NAME}={model_dir}"], tmp)
+                                                 "--model", f"{DEFAULT_MODEL_NAME}={model_dir}",
+                                                 *(["--no-worker-stream"] if worker_calls == "unary" else [])], tmp)
         scheduler.start()
         children.append(scheduler)
         scheduler.wait_ready(lambda: grpc_serving(address), 60)
@@ -442,7 +467,7 @@ def bench_rps(args: argparse.Namespace) -> dict:
     for r in results:
         for k, v in r["error_kinds"].items():
             kinds[k] = kinds.get(k, 0) + v
-    out = {"sim_workers": args.sim_workers, "clients": args.clients, "concurrency_per_client": args.concurrency,
+    out = {"worker_calls": worker_calls, "sim_workers": args.sim_workers, "clients": args.clients, "concurrency_per_client": args.concurrency,
            "in_flight": args.clients * args.concurrency, "duration_s": args.duration,
            "input": f"token_ids ({args.prompt_tokens} tokens, half a shared head of 32), max_tokens=1",
            "completed": done, "errors": errors, "error_kinds": kinds,

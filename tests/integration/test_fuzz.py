@@ -474,8 +474,10 @@ _METHODS = {
     "scheduler": ["/llm_mesh.v1.Inference/Generate", "/llm_mesh.v1.Inference/CreateChatCompletion",
                   "/llm_mesh.v1.Inference/StreamCompletion", "/llm_mesh.v1.Scheduler/Explain",
                   "/llm_mesh.v1.Scheduler/ListWorkers"],
-    "worker": ["/llm_mesh.v1.Worker/Generate", "/llm_mesh.v1.Worker/Abort", "/llm_mesh.v1.Worker/GetLoad"],
+    "worker": ["/llm_mesh.v1.Worker/Generate", "/llm_mesh.v1.Worker/Abort", "/llm_mesh.v1.Worker/GetLoad",
+               "/llm_mesh.v1.Worker/GenerateStream"],
 }
+_BIDI = {"/llm_mesh.v1.Worker/GenerateStream"}
 _STREAMING = {"/llm_mesh.v1.Inference/Generate", "/llm_mesh.v1.Inference/StreamCompletion",
               "/llm_mesh.v1.Worker/Generate"}
 # Bytes that are not a valid message: truncated varints, wrong wire types, invalid UTF-8 in a string field.
@@ -491,6 +493,9 @@ def test_undecodable_grpc_messages_never_unknown(sim_mesh, rss_before: dict[str,
     address = sim_mesh.scheduler_address if target == "scheduler" else sorted(sim_mesh.workers)[0]
     method = data.draw(st.sampled_from(_METHODS[target]))
     with grpc.insecure_channel(address) as channel:
+        if method in _BIDI:
+            _drain(channel.stream_stream(method)(iter([raw]), timeout=10), (method, raw), names_a_field=False)
+            return
         if method in _STREAMING:
             _drain(channel.unary_stream(method)(raw, timeout=10), (method, raw), names_a_field=False)
             return

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from llm_mesh.v1 import sampling_pb2 as llm__mesh_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llm_mesh/v1/worker.proto\x12\x0bllm_mesh.v1\x1a\x1allm_mesh/v1/sampling.proto\"\xd1\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.llm_mesh.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rremote_decode\x18\n \x01(\x08\x12\x35\n\x0eremote_prefill\x18\x0b \x01(\x0b\x32\x1d.llm_mesh.v1.KVTransferParams\"\x8d\x01\n\x10KVTransferParams\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\"\xc2\x01\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.llm_mesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.llm_mesh.v1.Usage\x12\x32\n\x0bkv_transfer\x18\x05 \x01(\x0b\x32\x1d.llm_mesh.v1.KVTransferParams\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x89\x02\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x19\n\x11requests_finished\x18\x05 \x01(\x04\x12\x18\n\x10requests_aborted\x18\x06 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\x04\x12\x18\n\x10generated_tokens\x18\t \x01(\x04\x12$\n\x1ckv_transferred_prompt_tokens\x18\n \x01(\x04\"S\n\x14WatchKVEventsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\x19\n\x11include_token_ids\x18\x03 \x01(\x08\"q\n\x0cKVEventBatch\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x14.llm_mesh.v1.KVEvent\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\r\n\x05reset\x18\x05 \x01(\x08\"\x9e\x01\n\x07KVEvent\x12*\n\x06stored\x18\x01 \x01(\x0b\x32\x18.llm_mesh.v1.BlockStoredH\x00\x12,\n\x07removed\x18\x02 \x01(\x0b\x32\x19.llm_mesh.v1.BlockRemovedH\x00\x12\x30\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1d.llm_mesh.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"\xb2\x01\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12!\n\x04tier\x18\x05 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier\x12\r\n\x05model\x18\x06 \x01(\tB\x14\n\x12_parent_block_hash\"V\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier\x12\r\n\x05model\x18\x03 \x01(\t\"5\n\x10\x41llBlocksCleared\x12!\n\x04tier\x18\x01 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier*l\n\x06KVTier\x12\x17\n\x13KV_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eKV_TIER_ENGINE\x10\x01\x12\x10\n\x0cKV_TIER_HOST\x10\x02\x12\x10\n\x0cKV_TIER_DISK\x10\x03\x12\x11\n\rKV_TIER_STORE\x10\x04\x32\xb1\x02\n\x06Worker\x12U\n\x08Generate\x12\".llm_mesh.v1.WorkerGenerateRequest\x1a#.llm_mesh.v1.WorkerGenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.llm_mesh.v1.AbortRequest\x1a\x1a.llm_mesh.v1.AbortResponse\x12?\n\x07GetLoad\x12\x1b.llm_mesh.v1.GetLoadRequest\x1a\x17.llm_mesh.v1.WorkerLoad\x12O\n\rWatchKVEvents\x12!.llm_mesh.v1.WatchKVEventsRequest\x1a\x19.llm_mesh.v1.KVEventBatch0\x01\x42M\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llm_mesh/v1/worker.proto\x12\x0bllm_mesh.v1\x1a\x17google/rpc/status.proto\x1a\x1allm_mesh/v1/sampling.proto\"\xd1\x01\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.llm_mesh.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rremote_decode\x18\n \x01(\x08\x12\x35\n\x0eremote_prefill\x18\x0b \x01(\x0b\x32\x1d.llm_mesh.v1.KVTransferParams\"\x8d\x01\n\x10KVTransferParams\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12\x12\n\nnum_tokens\x18\x07 \x01(\r\"\xc2\x01\n\x16WorkerGenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.llm_mesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.llm_mesh.v1.Usage\x12\x32\n\x0bkv_transfer\x18\x05 \x01(\x0b\x32\x1d.llm_mesh.v1.KVTransferParams\"`\n\x15GenerateStreamRequest\x12+\n\x05start\x18\x01 \x03(\x0b\x32\x1c.llm_mesh.v1.StreamedRequest\x12\x1a\n\x12\x63\x61ncel_request_ids\x18\x02 \x03(\t\"\xd6\x01\n\x0fStreamedRequest\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32\".llm_mesh.v1.WorkerGenerateRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12\x45\n\rtrace_context\x18\x03 \x03(\x0b\x32..llm_mesh.v1.StreamedRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x16GenerateStreamResponse\x12\x30\n\tresponses\x18\x01 \x03(\x0b\x32\x1d.llm_mesh.v1.StreamedResponse\"\x80\x01\n\x10StreamedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x35\n\x08response\x18\x02 \x01(\x0b\x32#.llm_mesh.v1.WorkerGenerateResponse\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x89\x02\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x19\n\x11requests_finished\x18\x05 \x01(\x04\x12\x18\n\x10requests_aborted\x18\x06 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\x04\x12\x18\n\x10generated_tokens\x18\t \x01(\x04\x12$\n\x1ckv_transferred_prompt_tokens\x18\n \x01(\x04\"S\n\x14WatchKVEventsRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\x12\x19\n\x11include_token_ids\x18\x03 \x01(\x08\"q\n\x0cKVEventBatch\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12$\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x14.llm_mesh.v1.KVEvent\x12\x10\n\x08snapshot\x18\x04 \x01(\x08\x12\r\n\x05reset\x18\x05 \x01(\x08\"\x9e\x01\n\x07KVEvent\x12*\n\x06stored\x18\x01 \x01(\x0b\x32\x18.llm_mesh.v1.BlockStoredH\x00\x12,\n\x07removed\x18\x02 \x01(\x0b\x32\x19.llm_mesh.v1.BlockRemovedH\x00\x12\x30\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1d.llm_mesh.v1.AllBlocksClearedH\x00\x42\x07\n\x05\x65vent\"\xb2\x01\n\x0b\x42lockStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x1e\n\x11parent_block_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12!\n\x04tier\x18\x05 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier\x12\r\n\x05model\x18\x06 \x01(\tB\x14\n\x12_parent_block_hash\"V\n\x0c\x42lockRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier\x12\r\n\x05model\x18\x03 \x01(\t\"5\n\x10\x41llBlocksCleared\x12!\n\x04tier\x18\x01 \x01(\x0e\x32\x13.llm_mesh.v1.KVTier*l\n\x06KVTier\x12\x17\n\x13KV_TIER_UNSPECIFIED\x10\x00\x12\x12\n\x0eKV_TIER_ENGINE\x10\x01\x12\x10\n\x0cKV_TIER_HOST\x10\x02\x12\x10\n\x0cKV_TIER_DISK\x10\x03\x12\x11\n\rKV_TIER_STORE\x10\x04\x32\x90\x03\n\x06Worker\x12U\n\x08Generate\x12\".llm_mesh.v1.WorkerGenerateRequest\x1a#.llm_mesh.v1.WorkerGenerateResponse0\x01\x12]\n\x0eGenerateStream\x12\".llm_mesh.v1.GenerateStreamRequest\x1a#.llm_mesh.v1.GenerateStreamResponse(\x01\x30\x01\x12>\n\x05\x41\x62ort\x12\x19.llm_mesh.v1.AbortRequest\x1a\x1a.llm_mesh.v1.AbortResponse\x12?\n\x07GetLoad\x12\x1b.llm_mesh.v1.GetLoadRequest\x1a\x17.llm_mesh.v1.WorkerLoad\x12O\n\rWatchKVEvents\x12!.llm_mesh.v1.WatchKVEventsRequest\x1a\x19.llm_mesh.v1.KVEventBatch0\x01\x42M\n\x0e\x64\x65v.llmmesh.v1P\x01Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +34,46 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llm_mesh.v1.worker_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.llmmesh.v1P\001Z9github.com/llm-mesh/llm-mesh/gen/go/llm_mesh/v1;llmmeshv1'
-  _globals['_KVTIER']._serialized_start=1663
-  _globals['_KVTIER']._serialized_end=1771
-  _globals['_WORKERGENERATEREQUEST']._serialized_start=70
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=279
-  _globals['_KVTRANSFERPARAMS']._serialized_start=282
-  _globals['_KVTRANSFERPARAMS']._serialized_end=423
-  _globals['_WORKERGENERATERESPONSE']._serialized_start=426
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=620
-  _globals['_ABORTREQUEST']._serialized_start=622
-  _globals['_ABORTREQUEST']._serialized_end=656
-  _globals['_ABORTRESPONSE']._serialized_start=658
-  _globals['_ABORTRESPONSE']._serialized_end=690
-  _globals['_GETLOADREQUEST']._serialized_start=692
-  _globals['_GETLOADREQUEST']._serialized_end=708
-  _globals['_WORKERLOAD']._serialized_start=711
-  _globals['_WORKERLOAD']._serialized_end=976
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=978
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1061
-  _globals['_KVEVENTBATCH']._serialized_start=1063
-  _globals['_KVEVENTBATCH']._serialized_end=1176
-  _globals['_KVEVENT']._serialized_start=1179
-  _globals['_KVEVENT']._serialized_end=1337
-  _globals['_BLOCKSTORED']._serialized_start=1340
-  _globals['_BLOCKSTORED']._serialized_end=1518
-  _globals['_BLOCKREMOVED']._serialized_start=1520
-  _globals['_BLOCKREMOVED']._serialized_end=1606
-  _globals['_ALLBLOCKSCLEARED']._serialized_start=1608
-  _globals['_ALLBLOCKSCLEARED']._serialized_end=1661
-  _globals['_WORKER']._serialized_start=1774
-  _globals['_WORKER']._serialized_end=2079
+  _globals['_STREAMEDREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_STREAMEDREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_KVTIER']._serialized_start=2210
+  _globals['_KVTIER']._serialized_end=2318
+  _globals['_WORKERGENERATEREQUEST']._serialized_start=95
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=304
+  _globals['_KVTRANSFERPARAMS']._serialized_start=307
+  _globals['_KVTRANSFERPARAMS']._serialized_end=448
+  _globals['_WORKERGENERATERESPONSE']._serialized_start=451
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=645
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=647
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=743
+  _globals['_STREAMEDREQUEST']._serialized_start=746
+  _globals['_STREAMEDREQUEST']._serialized_end=960
+  _globals['_STREAMEDREQUEST_TRACECONTEXTENTRY']._serialized_start=909
+  _globals['_STREAMEDREQUEST_TRACECONTEXTENTRY']._serialized_end=960
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=962
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1036
+  _globals['_STREAMEDRESPONSE']._serialized_start=1039
+  _globals['_STREAMEDRESPONSE']._serialized_end=1167
+  _globals['_ABORTREQUEST']._serialized_start=1169
+  _globals['_ABORTREQUEST']._serialized_end=1203
+  _globals['_ABORTRESPONSE']._serialized_start=1205
+  _globals['_ABORTRESPONSE']._serialized_end=1237
+  _globals['_GETLOADREQUEST']._serialized_start=1239
+  _globals['_GETLOADREQUEST']._serialized_end=1255
+  _globals['_WORKERLOAD']._serialized_start=1258
+  _globals['_WORKERLOAD']._serialized_end=1523
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=1525
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=1608
+  _globals['_KVEVENTBATCH']._serialized_start=1610
+  _globals['_KVEVENTBATCH']._serialized_end=1723
+  _globals['_KVEVENT']._serialized_start=1726
+  _globals['_KVEVENT']._serialized_end=1884
+  _globals['_BLOCKSTORED']._serialized_start=1887
+  _globals['_BLOCKSTORED']._serialized_end=2065
+  _globals['_BLOCKREMOVED']._serialized_start=2067
+  _globals['_BLOCKREMOVED']._serialized_end=2153
+  _globals['_ALLBLOCKSCLEARED']._serialized_start=2155
+  _globals['_ALLBLOCKSCLEARED']._serialized_end=2208
+  _globals['_WORKER']._serialized_start=2321
+  _globals['_WORKER']._serialized_end=2721
 # @@protoc_insertion_point(module_scope)
