@@ -671,7 +671,10 @@ class StoreWorker(OffloadingWorker):
             self.circuit.succeeded()
             return True
         except Exception as exc:  # noqa: BLE001
-            if write_id:
+            # A store that did not answer would not answer the abort either: that would hold this
+            # thread (and the loads queued behind it) for a second deadline. Its reservation lapses
+            # with its lease on the store.
+            if write_id and not _unanswered(exc):
                 with contextlib.suppress(Exception):
                     self._client.abort(write_id, timeout_s=timeout)
             if self._dropped_unanswered(job_id, len(block_ids), exc):

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 DEFAULT_VOCAB_SIZE = 49152
 
 
+_PRIME_TOKENS = 8  # vLLM primes its detokenizer with 5 (INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
+
+
 class _TextStream:
     """Incremental detokenization and stop-string matching for one request."""
 
@@ -62,8 +65,10 @@ class _TextStream:
         if tokenizer is not None:
             from tokenizers.decoders import DecodeStream
 
-            # Primed with the prompt so the first output token decodes in context.
-            self._decoder = DecodeStream(ids=prompt, skip_special_tokens=True)
+            # Primed with the prompt's tail so the first output token decodes in context; like
+            # vLLM's incremental detokenizer, a few tokens of context are enough (a whole long
+            # prompt would be decoded again for nothing on every request).
+            self._decoder = DecodeStream(ids=prompt[-_PRIME_TOKENS:], skip_special_tokens=True)
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self.text = ""  # all output text so far, cut at a stop string

@@ -301,3 +301,33 @@ def test_stores_to_a_silent_store_are_dropped_not_queued(frozen_store):
         assert stored([200, 201]) == 0
     finally:
         worker.shutdown()
+
+
+def test_a_store_that_stops_answering_mid_write_costs_one_deadline(frozen_store):
+    """The NIXL write path against a real store that freezes after granting the reservation: the
+    commit's deadline ends the job, and no abort is sent into the same silence (that held the
+    transfer thread, and the loads behind it, for a second deadline). The WRITE itself is a
+    stand-in: NIXL never loads into pytest (tests/integration/test_kvstore_nixl.py runs it)."""
+    import types
+
+    import torch
+    from vllm.v1.kv_offload.base import GPULoadStoreSpec
+
+    address, child = frozen_store
+    tensors = [torch.randint(-128, 127, (16, BLOCK_BYTES // 2), dtype=torch.int8) for _ in range(2)]
+    caches = types.SimpleNamespace(tensors=[types.SimpleNamespace(tensor=t) for t in tensors])
+    worker = kv_offload.StoreWorker(caches, KVStoreClient(address), MODEL, LAYOUT, transport="grpc",
+                                    write_timeout_s=0.5)
+    worker._nixl = types.SimpleNamespace(move=lambda *_: child.signal(signal.SIGSTOP),  # the store freezes
+                                         close=lambda: None)
+    try:
+        started = time.monotonic()
+        worker.submit_store(1, GPULoadStoreSpec([0, 1], [2], [0]), kv_offload.StoreBlocks((500, 501)))
+        worker.wait({1})
+        elapsed = time.monotonic() - started
+        assert [r.success for r in worker.get_finished()] == [True]
+        assert 0.4 < elapsed < 0.9, elapsed  # the commit's deadline alone
+        assert worker.dropped_blocks == 2 and worker.circuit.state(time.monotonic()) == "open"
+    finally:
+        child.signal(signal.SIGCONT)
+        worker.shutdown()
