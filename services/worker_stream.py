@@ -179,7 +179,7 @@ class StreamCall:
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         if timeout is not None:
-            self.started.timeout_ms = max(1, int(timeout * 1000))
+            self.started.timeout_ms = min(max(1, int(timeout * 1000)), 2**32 - 1)
             self._deadline = time.monotonic() + timeout
             self._timer = asyncio.get_running_loop().call_later(max(0.0, timeout), self._expire)
 
