@@ -238,7 +238,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         return VllmEngine(VllmSettings(
             model_dir=str(args.model_dir), model_name=args.model, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, block_size=args.block_size, kv_cache_gib=args.kv_cache_gib,
-            cpu_cores=args.cpu_cores, role=args.role, kv_side_channel_host=args.host,
+            dtype=args.dtype, cpu_cores=args.cpu_cores, role=args.role, kv_side_channel_host=args.host,
             # Every P/D engine on a host needs its own NIXL side-channel port.
             kv_side_channel_port=args.kv_side_channel_port or args.port + 1000,
             kv_lease_s=args.kv_lease_s, kv_blocks=args.kv_blocks,
@@ -272,6 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=32, help="tokens per KV block (vLLM on CPU: a multiple of 32)")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM CPU KV cache size")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="vLLM: weights and KV dtype (auto: float32 on a CPU, where bf16 kernels change "
+                             "this model's greedy answers; the model's own elsewhere)")
     parser.add_argument("--cpu-cores", default="auto",
                         help="vLLM OMP core binding (VLLM_CPU_OMP_THREADS_BIND), e.g. 0 or 1 or 0-1")
     parser.add_argument("--kv-side-channel-port", type=int, default=None,

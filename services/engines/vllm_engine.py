@@ -87,6 +87,11 @@ class VllmSettings:
     cpu_cores: str = "auto"
     seed: int = 0
     enforce_eager: bool = True
+    # vLLM's dtype. "auto": float32 on a CPU, the model's own (bf16) elsewhere. Measured: on a
+    # CPU with AMX (this machine's Sapphire Rapids class), vLLM's bf16 kernels turn SmolLM2's
+    # greedy "The capital of France is Paris." into "L'Étoile, la Marseillaise, ..." and make
+    # P/D and aggregated outputs differ; float32 holds the dequantized weights exactly.
+    dtype: str = "auto"
     # Publish KV events (to the worker's sink) through vLLM's ZMQ publisher.
     kv_events: bool = True
     # P/D: "prefill" (NIXL kv_producer), "decode" (kv_consumer) or "both" (no connector).
@@ -124,6 +129,16 @@ class VllmSettings:
     lmcache_url: str = "tcp://127.0.0.1:5555"
 
 
+def engine_dtype(dtype: str) -> str:
+    """The dtype vLLM runs with: `dtype` itself unless "auto", which means float32 on a CPU
+    (see VllmSettings.dtype) and vLLM's own choice elsewhere."""
+    if dtype != "auto":
+        return dtype
+    from vllm.platforms import current_platform
+
+    return "float32" if current_platform.is_cpu() else "auto"
+
+
 class VllmEngine(Engine):
     def __init__(self, settings: VllmSettings) -> None:
         self.settings = settings
@@ -154,6 +169,7 @@ class VllmEngine(Engine):
             max_num_seqs=s.max_num_seqs,
             block_size=s.block_size,
             enforce_eager=s.enforce_eager,
+            dtype=engine_dtype(s.dtype),
             enable_prefix_caching=True,
             prefix_caching_hash_algo="sha256_cbor",
             seed=s.seed,
