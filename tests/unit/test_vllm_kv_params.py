@@ -87,3 +87,12 @@ def test_connector_per_role():
     assert decode.kv_load_failure_policy == "recompute"
     with pytest.raises(ValueError):
         kv_transfer_config(VllmSettings(**base, role="nonsense"))  # type: ignore[arg-type]
+
+
+def test_auto_dtype_is_float32_on_a_cpu():
+    """vLLM's bf16 CPU kernels change this model's greedy answers on AMX CPUs (VllmSettings.dtype)."""
+    from services.engines.vllm_engine import engine_dtype
+
+    assert VllmSettings(model_dir="/m", model_name="m").dtype == "auto"
+    assert engine_dtype("auto") == "float32"  # this machine, and CI's, run vLLM on the CPU
+    assert engine_dtype("bfloat16") == "bfloat16"
