@@ -11,12 +11,17 @@ Layout, chosen so recording and matching cost a few microseconds even for
 3,000-block prompts:
 - block hash → (worker, routed at), last writer wins, written with one
   C-level `dict.update` per request;
-- only every `stride`-th block position (and the prompt's last block) is
-  recorded and looked up. Hashes are chained, so "block i was routed to w"
-  implies w was sent blocks 0..i: a worker's run is 1 + the last sampled
-  position it owns before the first unknown one. The price is granularity:
-  a run is under-counted by fewer than `stride` blocks; a worker that lost a
-  block to a later writer loses part of its speculative credit;
+- only sampled block positions (and the prompt's last block) are recorded
+  and looked up. Hashes are chained, so "block i was routed to w" implies w
+  was sent blocks 0..i: a worker's run is 1 + the last sampled position it
+  owns before the first unknown one. The samples are one fixed sequence for
+  every prompt length (so a short prompt and a long one sharing its head hit
+  the same positions): every `stride`-th block for the first 64 samples, then
+  the step doubles every 64 samples up to `max_stride`. A 3,400-block prompt
+  records ~240 positions instead of 850. The price is granularity: a run
+  ending at block i is under-counted by fewer than the step there (4 blocks
+  in the first 256, at most `max_stride`: ~1% of a prompt that long); a
+  worker that lost a block to a later writer loses part of its credit;
 - two generations per model, like the index: when the young one reaches
   `max_blocks // 2` entries the old one is dropped (released a little per
   record, never all at once).
@@ -26,20 +31,27 @@ only the size bound applies).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 
 from scheduler.framework import RequestView
 
+_SAMPLES_PER_STEP = 64  # samples at each step size before it doubles
+
 
 class SpeculativePrefixes:
-    def __init__(self, ttl_s: float = 20.0, max_blocks: int = 131_072, stride: int = 4) -> None:
+    def __init__(self, ttl_s: float = 20.0, max_blocks: int = 131_072, stride: int = 4,
+                 max_stride: int = 32) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        if max_blocks < 2 or stride < 1:
-            raise ValueError(f"need max_blocks >= 2 and stride >= 1, got {max_blocks}, {stride}")
+        if max_blocks < 2 or stride < 1 or max_stride < stride:
+            raise ValueError(f"need max_blocks >= 2 and 1 <= stride <= max_stride, "
+                             f"got {max_blocks}, {stride}, {max_stride}")
         self.ttl_s = ttl_s
         self.stride = stride
+        self.max_stride = max_stride
+        self._samples: list[int] = []  # the fixed sample sequence, extended on demand
         self._cap = max_blocks // 2
         self._young: dict[str, dict[int, tuple[str, float]]] = {}
         self._old: dict[str, dict[int, tuple[str, float]]] = {}
@@ -47,13 +59,23 @@ class SpeculativePrefixes:
         self._graveyard: list[dict[int, tuple[str, float]]] = []
 
     def _positions(self, n: int) -> list[int]:
-        pos = list(range(self.stride - 1, n, self.stride))
+        """The sampled positions below n, plus n - 1 (the prompt's last block)."""
+        samples = self._samples
+        if not samples or samples[-1] < n:
+            self._extend(n)
+        pos = samples[:bisect.bisect_left(samples, n)]
         if n and (not pos or pos[-1] != n - 1):
             pos.append(n - 1)
         return pos
 
+    def _extend(self, n: int) -> None:
+        samples = self._samples
+        while not samples or samples[-1] < n:
+            step = min(self.max_stride, self.stride << (len(samples) // _SAMPLES_PER_STEP))
+            samples.append((samples[-1] if samples else -1) + step)
+
     def match(self, request: RequestView) -> dict[str, int]:
-        """Worker id → leading blocks of this prompt it was recently sent (a multiple of stride, or all)."""
+        """Worker id → leading blocks of this prompt it was recently sent (1 + a sampled position)."""
         hashes = request.block_hashes
         young, old = self._young.get(request.model), self._old.get(request.model)
         if not hashes or (not young and not old):

@@ -274,6 +274,24 @@ def test_ttft_joins_the_step_a_busy_engine_is_about_to_start():
     assert d["ttft.queue_s"] == approx([1.5, 0.0])
 
 
+def test_ttft_stall_charge_keeps_long_prompts_off_busy_decoders():
+    # a measured a little faster, but 20 decodes run there against b's 2: a long prefill at a
+    # stalls ten times as many running requests.
+    workers = ws("a", "b", max_num_seqs=64)
+    workers[0].prefill_tokens_per_s, workers[0].reported_running = 12_000.0, 20
+    workers[1].prefill_tokens_per_s, workers[1].reported_running = 10_000.0, 2
+    req = request(256, tokens=8192)
+    plain, stalled = ctx(req, workers), ctx(req, workers)
+    TTFTScorer(step_overhead_s=0.0).score(plain, workers)
+    scores = TTFTScorer(step_overhead_s=0.0, stall_weight=0.1).score(stalled, workers)
+    assert plain.details["ttft.cost_s"] == approx([8192 / 12_000, 8192 / 10_000])  # TTFT alone: a
+    assert stalled.details["ttft.cost_s"] == approx([8192 / 12_000 * 3.0, 8192 / 10_000 * 1.2])
+    assert scores[1] == 1.0 and scores[0] < 1.0  # b
+    assert stalled.details["ttft.predicted_s"] == plain.details["ttft.predicted_s"]  # a charge, not a TTFT
+    with pytest.raises(ValueError):
+        TTFTScorer(stall_weight=-0.1)
+
+
 def test_ttft_rejects_negative_batch_params():
     with pytest.raises(ValueError):
         TTFTScorer(batch_weight=-1)
@@ -288,6 +306,27 @@ def test_speculative_runs_are_counted_at_stride_granularity():
     assert overlay.match(request(9, now=1.0)) == {"a": 8}  # a prefix of it: whole strides only
     overlay.record(request(6, now=2.0), "b")  # b now owns position 3 (and its own last, 5)
     assert overlay.match(request(10, now=3.0)) == {"b": 4, "a": 10}
+
+
+def test_speculative_samples_widen_along_long_prompts():
+    overlay = SpeculativePrefixes(stride=4, max_stride=32)
+    overlay.record(request(3400, now=0.0), "a")
+    assert len(overlay) < 250  # ~240 sampled positions, not 850 at a fixed stride of 4
+    assert overlay.match(request(3400, now=1.0)) == {"a": 3400}
+    # One sequence for every length: any prefix of the long prompt matches on the same positions,
+    # under-counted by less than the step there (4 for the first 256 blocks, at most 32).
+    for n, step in ((9, 4), (256, 4), (257, 8), (700, 8), (1000, 16), (3399, 32)):
+        run = overlay.match(request(n, now=1.0))["a"]
+        assert n - step < run <= n, (n, run)
+    # And a short prompt recorded first is found by the long one that extends it.
+    short_first = SpeculativePrefixes(stride=4, max_stride=32)
+    short_first.record(request(1000, now=0.0), "b")
+    assert 1000 - 16 < short_first.match(request(3400, now=1.0))["b"] <= 1000
+
+
+def test_speculative_rejects_max_stride_below_stride():
+    with pytest.raises(ValueError):
+        SpeculativePrefixes(stride=8, max_stride=4)
 
 
 def test_store_tier_is_usable_by_every_worker():
