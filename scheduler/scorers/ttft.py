@@ -31,13 +31,14 @@ class TTFTScorer:
                  default_request_tokens: int = 1024, request_duration_s: float = 2.0,
                  load_tokens_per_s: Mapping[str, float] | None = None, work_weight: float = 0.0,
                  load_scaled: bool = True, hit_scaled: bool = True, track_steps: bool = False,
-                 batch_weight: float = 0.0, batch_window_s: float = 0.01) -> None:
+                 batch_weight: float = 0.0, batch_window_s: float = 0.01,
+                 stall_weight: float = 0.0) -> None:
         if prefill_tokens_per_s <= 0 or request_duration_s <= 0:
             raise ValueError("prefill_tokens_per_s and request_duration_s must be positive")
         if work_weight < 0 or step_overhead_s < 0 or default_request_tokens < 0:
             raise ValueError("work_weight, step_overhead_s and default_request_tokens must be >= 0")
-        if batch_weight < 0 or batch_window_s < 0:
-            raise ValueError("batch_weight and batch_window_s must be >= 0")
+        if batch_weight < 0 or batch_window_s < 0 or stall_weight < 0:
+            raise ValueError("batch_weight, batch_window_s and stall_weight must be >= 0")
         self.speed = float(prefill_tokens_per_s)
         self.overhead = float(step_overhead_s)
         self.default_tokens = int(default_request_tokens)
@@ -49,6 +50,7 @@ class TTFTScorer:
         self.track_steps = bool(track_steps)
         self.batch_weight = float(batch_weight)
         self.batch_window_s = float(batch_window_s)
+        self.stall_weight = float(stall_weight)
         self._steps: dict[str, _Steps] = {}
 
     def _view(self, w: WorkerState, now: float | None, speed: float) -> _Steps | None:
@@ -96,12 +98,13 @@ class TTFTScorer:
 
     def predict(self, ctx: ScoringContext, workers: list[WorkerState]) -> list[tuple[float, ...]]:
         """Per worker: (cost, ttft, queue_s, admit_s, prefill_s, load_s, uncached tokens);
-        cost = ttft + work charge + batch charge."""
+        cost = ttft + work charge + batch charge + stall charge."""
         r = ctx.request
         bs = r.block_size
         prompt = r.prompt_tokens
         request_blocks = -(-prompt // bs)
         overhead, default_tokens, load_speed = self.overhead, self.default_tokens, self.load_speed
+        stall_weight = self.stall_weight
         # (The WorkerState properties are inlined: this loop runs for every worker on every request.)
         waiting = [max(w.reported_waiting, w.pending_prefill) for w in workers]
         # The work charge: recomputing what another worker holds costs the cluster prefill time that
@@ -164,6 +167,10 @@ class TTFTScorer:
             cost = ttft + work_weight * prefill_s
             if self.batch_weight and batch:
                 cost += self.batch_weight * batch * prefill_s  # delays those it is batched with
+            if stall_weight and running:
+                # The decodes running there skip their steps while this prefill runs: a long
+                # prompt on a busy worker costs every one of them its prefill time in latency.
+                cost += stall_weight * running * prefill_s
             out.append((cost, ttft, queue_s, admit_s, prefill_s, load_s, float(uncached)))
         return out
 
