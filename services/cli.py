@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import importlib
+import io
 import logging
 import os
 import signal
@@ -16,8 +17,12 @@ import sys
 
 # SIGUSR1 prints every thread's Python stack to stderr (the process's log), the process going
 # on: how a hang is read, in CI as anywhere (services/procs.py sends it to a child that is not
-# ready in time). Registered before any other import, so a hang in one shows too.
-faulthandler.register(signal.SIGUSR1, all_threads=True)
+# ready in time). Registered before any other import, so a hang in one shows too. Skipped where
+# stderr is not a file (imported under pytest's capture: there is nothing to write the stacks to).
+try:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+except io.UnsupportedOperation:
+    pass
 
 # (subcommand, module, help)
 COMMANDS = [

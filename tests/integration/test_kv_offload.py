@@ -317,7 +317,7 @@ def test_a_store_that_stops_answering_mid_write_costs_one_deadline(frozen_store)
     tensors = [torch.randint(-128, 127, (16, BLOCK_BYTES // 2), dtype=torch.int8) for _ in range(2)]
     caches = types.SimpleNamespace(tensors=[types.SimpleNamespace(tensor=t) for t in tensors])
     worker = kv_offload.StoreWorker(caches, KVStoreClient(address), MODEL, LAYOUT, transport="grpc",
-                                    write_timeout_s=0.5)
+                                    write_timeout_s=1.0)
     worker._nixl = types.SimpleNamespace(move=lambda *_: child.signal(signal.SIGSTOP),  # the store freezes
                                          close=lambda: None)
     try:
@@ -326,7 +326,8 @@ def test_a_store_that_stops_answering_mid_write_costs_one_deadline(frozen_store)
         worker.wait({1})
         elapsed = time.monotonic() - started
         assert [r.success for r in worker.get_finished()] == [True]
-        assert 0.4 < elapsed < 0.9, elapsed  # the commit's deadline alone
+        # One 1 s deadline, not two: the upper bound leaves 0.7 s for a loaded machine.
+        assert 0.9 < elapsed < 1.7, elapsed
         assert worker.dropped_blocks == 2 and worker.circuit.state(time.monotonic()) == "open"
     finally:
         child.signal(signal.SIGCONT)

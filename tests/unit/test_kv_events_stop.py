@@ -8,6 +8,7 @@ follow task kept reading, and stop() waited forever (7 of 20 rounds here).
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 
 import grpc
@@ -38,7 +39,9 @@ async def test_stop_returns_while_batches_keep_arriving() -> None:
         for _ in range(20):
             subscriber = KVEventSubscriber(members, RecordingIndex(strict=False))
             await subscriber.start()
-            await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 5  # a loaded machine can take longer than one sleep to connect
+            while subscriber.feeds["w"].batches == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             stopping = asyncio.ensure_future(subscriber.stop())
             done, _ = await asyncio.wait([stopping], timeout=5)
             if not done:  # leave nothing running behind a failed round
