@@ -375,8 +375,8 @@ class ScoringContext:
                 out.append(empty)
                 continue
             m = raw.get(w.worker_id, empty)
-            extra_engine = max(0, spec.get(w.worker_id, 0) - m.blocks)
-            if extra_engine:
+            extra_engine = spec.get(w.worker_id, 0) - m.blocks if spec else 0
+            if extra_engine > 0:
                 by = list(m.by_tier)
                 by[Tier.ENGINE] += extra_engine
                 m = PrefixMatch(m.blocks + extra_engine, by)
