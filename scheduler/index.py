@@ -78,8 +78,8 @@ _INTERN_MAX = 1 << 16  # distinct masks remembered for interning before starting
 # Each generation is split into shards by the hash's low bits: CPython resizes (and, under
 # insert/delete churn, compacts) a dict all at once, ~70 ms for 1.4 M keys; 128 shards keep
 # every such pause under a millisecond up to ~8 M keys. Block hashes are SHA-256 bits: uniform.
-_SHARDS = 128
-_MASK = _SHARDS - 1
+SHARDS = 128
+SHARD_MASK = SHARDS - 1
 
 
 @dataclasses.dataclass(slots=True)
@@ -101,7 +101,7 @@ class BlockIndex:
             raise ValueError(f"max_blocks must be >= 2, got {max_blocks}")
         self.max_blocks = max_blocks
         self._gen_cap = max_blocks // 2
-        # Generations: model -> _SHARDS dicts {hash: slot mask}, a hash in shard hash & _MASK.
+        # Generations: model -> SHARDS dicts {hash: slot mask}, a hash in shard hash & SHARD_MASK.
         # A key is in exactly one generation.
         self._young: dict[str, list[dict[int, int]]] = {}
         self._old: dict[str, list[dict[int, int]]] = {}
@@ -136,7 +136,7 @@ class BlockIndex:
         live, intern = self._live, self._intern
         added = 0
         for h in block_hashes:
-            k = h & _MASK
+            k = h & SHARD_MASK
             shard = young[k]
             v = shard.get(h)
             if v is None:
@@ -181,7 +181,7 @@ class BlockIndex:
         intern = self._intern
         young, old = self._young.get(model), self._old.get(model)
         for h in block_hashes:
-            k = h & _MASK
+            k = h & SHARD_MASK
             for gen, is_young in ((young, True), (old, False)):
                 if gen is None:
                     continue
@@ -249,7 +249,7 @@ class BlockIndex:
             return 0
         n = 0
         for h in block_hashes[start:]:
-            k = h & _MASK
+            k = h & SHARD_MASK
             v = young[k].get(h) if young is not None else None
             if v is None and old is not None:
                 v = old[k].get(h)
@@ -270,7 +270,7 @@ class BlockIndex:
 
     def peek(self, model: str, block_hash: int) -> dict[str, Tier]:
         """Who holds one block, best tier each; unlike the matches, not a use (no effect on eviction)."""
-        k = block_hash & _MASK
+        k = block_hash & SHARD_MASK
         v = None
         for gen in (self._young.get(model), self._old.get(model)):
             if gen is not None and (v := gen[k].get(block_hash)) is not None:
@@ -325,9 +325,9 @@ class BlockIndex:
         promote: list[int] = []
         end = len(hashes)
         for i, h in enumerate(hashes):
-            v = ygets[h & _MASK](h)
+            v = ygets[h & SHARD_MASK](h)
             if v is None:
-                v = ogets[h & _MASK](h)
+                v = ogets[h & SHARD_MASK](h)
                 if v is None:
                     end = i
                     break
@@ -384,7 +384,7 @@ class BlockIndex:
         young = self._young.get(model) or self._young.setdefault(model, _new_shards())
         live, intern = self._live, self._intern
         for h in hashes:
-            k = h & _MASK
+            k = h & SHARD_MASK
             v = old[k].pop(h, None)
             if v is None:
                 continue
@@ -489,10 +489,10 @@ class BlockIndex:
 
 
 def _new_shards() -> list[dict[int, int]]:
-    return [{} for _ in range(_SHARDS)]
+    return [{} for _ in range(SHARDS)]
 
 
-_NO_GETS = [{}.get] * _SHARDS
+_NO_GETS = [{}.get] * SHARDS
 
 
 def _measure(n: int = 1_000_000, workers: int = 64) -> None:  # pragma: no cover - a measurement, run by hand

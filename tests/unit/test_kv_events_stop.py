@@ -40,7 +40,8 @@ async def test_stop_returns_while_batches_keep_arriving() -> None:
             subscriber = KVEventSubscriber(members, RecordingIndex(strict=False))
             await subscriber.start()
             deadline = time.monotonic() + 5  # a loaded machine can take longer than one sleep to connect
-            while subscriber.feeds["w"].batches == 0 and time.monotonic() < deadline:
+            feed = subscriber.feeds["w"]
+            while not (feed.batches > 1 and feed.epoch == "e") and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             stopping = asyncio.ensure_future(subscriber.stop())
             done, _ = await asyncio.wait([stopping], timeout=5)

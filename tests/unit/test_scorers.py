@@ -324,6 +324,18 @@ def test_speculative_samples_widen_along_long_prompts():
     assert 1000 - 16 < short_first.match(request(3400, now=1.0))["b"] <= 1000
 
 
+def test_speculative_generations_bound_memory_and_forget_a_worker():
+    overlay = SpeculativePrefixes(stride=1, max_blocks=8)  # generations of 4 entries
+    for i in range(100):  # one-block prompts 0..99, spread over the shards
+        overlay.record(RequestView("m", BS, [i], BS, now=0.0), "a" if i % 2 else "b")
+        assert len(overlay) <= 8
+    seen = {i for i in range(100) if overlay.match(RequestView("m", BS, [i], BS, now=1.0))}
+    assert {96, 97, 98, 99} <= seen <= set(range(92, 100))  # the last 4 always, nothing older than 8
+    overlay.forget_worker("a")
+    assert overlay.match(RequestView("m", BS, [99], BS, now=1.0)) == {}
+    assert overlay.match(RequestView("m", BS, [98], BS, now=1.0)) == {"b": 1}
+
+
 def test_speculative_rejects_max_stride_below_stride():
     with pytest.raises(ValueError):
         SpeculativePrefixes(stride=8, max_stride=4)
