@@ -274,7 +274,7 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"  store hits: {tr[0]['hit']['loaded_tokens']} tokens loaded, {tr[0]['hit']['computed_tokens']} "
               f"computed (trial 0); engine A's and B's hits equal: {result['store']['hits_equal']}")
         print("  same out: greedy tokens equal the recompute's. A prefill of the whole prompt and one of the last "
-              "token over loaded KV may round differently in bf16, so a near-tie can flip a later token (seen "
+              "token over loaded KV may round differently (most in bf16), so a near-tie can flip a later token (seen "
               "with LMCache too, on the same prompt)")
     t = result.get("throughput")
     if t:
