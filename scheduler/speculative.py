@@ -39,10 +39,20 @@ import math
 from scheduler.framework import RequestView
 from scheduler.index import SHARD_MASK, SHARDS
 
-_Table = list[dict[int, tuple[str, float]]]  # one generation of one model: SHARDS dicts
+_Shard = dict[int, tuple[str, float]]  # block hash -> (worker, routed at)
 
 _SAMPLES_PER_STEP = 64  # samples at each step size before it doubles
 _EMPTY_GETS = [{}.get] * SHARDS  # a generation with nothing in it
+
+
+class _Table:
+    """One model's entries in one generation: SHARDS dicts and their bound `get`s (made once)."""
+
+    __slots__ = ("shards", "gets")
+
+    def __init__(self, shards: list[_Shard] | None = None) -> None:
+        self.shards = shards if shards is not None else [{} for _ in range(SHARDS)]
+        self.gets = [shard.get for shard in self.shards]
 
 
 class SpeculativePrefixes:
@@ -61,8 +71,7 @@ class SpeculativePrefixes:
         self._young: dict[str, _Table] = {}
         self._old: dict[str, _Table] = {}
         self._young_len = 0
-        self._graveyard: list[dict[int, tuple[str, float]]] = []  # shards being released
-        self._get_cache: dict[int, tuple[_Table, list]] = {}  # id(table) -> (table, its shards' gets)
+        self._graveyard: list[_Shard] = []  # shards being released
 
     def _positions(self, n: int) -> list[int]:
         """The sampled positions below n, plus n - 1 (the prompt's last block)."""
@@ -87,8 +96,8 @@ class SpeculativePrefixes:
         if not hashes or (not young and not old):
             return {}
         cutoff = -math.inf if request.now is None else request.now - self.ttl_s
-        yget = self._gets(young) if young else _EMPTY_GETS
-        oget = self._gets(old) if old else _EMPTY_GETS
+        yget = young.gets if young else _EMPTY_GETS
+        oget = old.gets if old else _EMPTY_GETS
         run: dict[str, int] = {}
         mask = SHARD_MASK
         for i in self._positions(len(hashes)):
@@ -99,25 +108,17 @@ class SpeculativePrefixes:
             run[v[0]] = i + 1
         return run
 
-    def _gets(self, table: _Table) -> list:
-        """The shards' bound `get`s, made once per table (128 attribute lookups per match otherwise)."""
-        cached = self._get_cache.get(id(table))
-        if cached is None or cached[0] is not table:
-            cached = self._get_cache[id(table)] = (table, [shard.get for shard in table])
-        return cached[1]
-
     def record(self, request: RequestView, worker_id: str) -> None:
         hashes = request.block_hashes
         if not hashes:
             return
         if self._young_len >= self._cap:
-            self._graveyard.extend(shard for table in self._old.values() for shard in table if shard)
+            self._graveyard.extend(shard for table in self._old.values() for shard in table.shards if shard)
             self._old, self._young, self._young_len = self._young, {}, 0
-            self._get_cache = {id(t): c for gen in (self._old,) for t in gen.values()
-                               if (c := self._get_cache.get(id(t))) is not None and c[0] is t}
-        table = self._young.get(request.model)
-        if table is None:
-            table = self._young[request.model] = [{} for _ in range(SHARDS)]
+        young = self._young.get(request.model)
+        if young is None:
+            young = self._young[request.model] = _Table()
+        table = young.shards
         stamp = (worker_id, -math.inf if request.now is None else request.now)  # one tuple for all blocks
         known = 0
         positions = self._positions(len(hashes))
@@ -133,14 +134,14 @@ class SpeculativePrefixes:
 
     def forget_worker(self, worker_id: str) -> None:
         for gen in (self._young, self._old):
-            for table in gen.values():
-                for j, shard in enumerate(table):
-                    table[j] = {h: v for h, v in shard.items() if v[0] != worker_id}
-        self._get_cache.clear()  # the shards were replaced
-        self._young_len = sum(len(shard) for table in self._young.values() for shard in table)
+            for model, table in gen.items():
+                gen[model] = _Table([{h: v for h, v in shard.items() if v[0] != worker_id}
+                                     for shard in table.shards])
+        self._young_len = sum(len(shard) for table in self._young.values() for shard in table.shards)
 
     def __len__(self) -> int:
-        return sum(len(shard) for gen in (self._young, self._old) for table in gen.values() for shard in table)
+        return sum(len(shard) for gen in (self._young, self._old) for table in gen.values()
+                   for shard in table.shards)
 
     def _reap(self, budget: int) -> None:
         grave = self._graveyard
