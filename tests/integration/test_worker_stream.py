@@ -162,11 +162,11 @@ async def test_a_draining_worker_finishes_its_streamed_requests_and_exits_withou
         stub = worker_pb2_grpc.WorkerStub(channel)
         stream = WorkerStream(stub, address)
         call = stream.generate(generate_request("inflight", [9, 9], 150))  # ~0.75 s at 5 ms a token
-        await call.__anext__()
+        first = await call.__anext__()  # one token, or more when a loaded machine coalesced them
         started = time.monotonic()
         child.signal(signal.SIGTERM)
         tokens, finish = await collect(call)
-        assert finish == sampling_pb2.FINISH_REASON_LENGTH and len(tokens) == 149  # all but the first
+        assert finish == sampling_pb2.FINISH_REASON_LENGTH and len(first.token_ids) + len(tokens) == 150
         # The open stream does not hold the drain (--drain-seconds 30) until its grace runs out.
         await asyncio.get_running_loop().run_in_executor(None, child.process.wait, 20)
         assert child.process.returncode == 0 and time.monotonic() - started < 15
