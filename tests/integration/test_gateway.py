@@ -142,7 +142,9 @@ async def test_completion(gw: httpx.AsyncClient, sim_mesh) -> None:
 async def test_completion_defaults_to_16_tokens(gw: httpx.AsyncClient, sim_mesh) -> None:
     r = await gw.post("/v1/completions", json={"model": sim_mesh.model, "prompt": ["Once upon a time"]})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] <= 16
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 16  # the sim engine never stops early (no EOS)
+    assert body["choices"][0]["finish_reason"] == "length"
 
 
 async def test_chat_stream_ends_with_done(gw: httpx.AsyncClient, sim_mesh) -> None:

@@ -219,17 +219,23 @@ async def test_metrics_scrape_shows_routing_and_cache_hits(sim_mesh, inference):
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
+    async def scrape() -> dict:
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(sim_mesh.metrics_url)).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    routed = ("llm_mesh_routing_decisions_total", (("outcome", "routed"), ("policy", "ours")))
+    cached = ("llm_mesh_cached_prompt_tokens_total", ())
+    before = await scrape()  # the mesh is shared: earlier tests' requests are in the totals
     prompt = " ".join(f"metrics-{i}" for i in range(200))
     for _ in range(2):
         [r async for r in inference.Generate(chat(prompt, max_tokens=2))]
         await asyncio.sleep(0.3)  # let the KV events of the first reach the index
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(sim_mesh.metrics_url)).text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples[("llm_mesh_routing_decisions_total", (("outcome", "routed"), ("policy", "ours")))] >= 2
+    samples = await scrape()
+    assert samples[routed] - before.get(routed, 0) == 2
     assert samples[("llm_mesh_kv_index_entries", ())] > 0
-    assert samples[("llm_mesh_cached_prompt_tokens_total", ())] > 0
+    assert samples[cached] > before.get(cached, 0)  # the second request hit the first one's blocks
     assert 0 < samples[("llm_mesh_prefix_cache_hit_ratio", ())] <= 1
     assert samples[("llm_mesh_routing_decision_seconds_count", (("policy", "ours"),))] >= 2
     assert any(name == "llm_mesh_routing_stage_seconds_count" for name, _ in samples)

@@ -213,7 +213,8 @@ def test_scheduler_grpc_requires_an_api_key(keyed_mesh) -> None:
 
         authorized = (("authorization", f"Bearer {KEYS[1]}"),)
         assert inference.ListModels(models, metadata=authorized, timeout=5).data
-        assert admin.GetStats(scheduler_pb2.GetStatsRequest(), metadata=authorized, timeout=5) is not None
+        stats = admin.GetStats(scheduler_pb2.GetStatsRequest(), metadata=authorized, timeout=5)
+        assert stats.scheduler_id and stats.policy == "ours"
         replies = list(inference.Generate(inference_pb2.GenerateRequest(prompt="hi", sampling={"max_tokens": 3}),
                                           metadata=authorized, timeout=10))
         assert replies[-1].HasField("usage")

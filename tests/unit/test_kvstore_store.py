@@ -67,7 +67,7 @@ def read(store: BlockStore, hashes: Sequence[int], now: float = 0.0, *, model: s
     """Pin, check every served block's bytes and checksum, unpin; the hashes served."""
     p = store.pin(model, layout, hashes, 0, now)
     views = store.read_pinned(p.pin_id) if p.pin_id else []
-    for s, v in zip(p.slots, views):
+    for s, v in zip(p.slots, views, strict=True):
         assert bytes(v) == data_for(s.block_hash, s.length), f"block {s.block_hash} served wrong bytes"
         assert checksum(v) == s.checksum
     store.unpin(p.pin_id)

@@ -50,8 +50,8 @@ def test_a_bad_ratio_falls_back_to_the_default(arg: str) -> None:
 
 
 def test_route_scores_are_bounded_and_skip_filtered_workers() -> None:
-    rows = [WorkerScore(f"w{i}", 10.0 - i, {}) for i in range(20)]
-    rows.append(WorkerScore("gone", 0.0, {}, "unhealthy"))
+    rows = [WorkerScore("gone", 100.0, {}, "unhealthy")]  # filtered: never listed, whatever its score
+    rows += [WorkerScore(f"w{i}", 10.0 - i, {}) for i in range(20)]
     assert scores_json(rows, limit=3) == '{"w0":10.0,"w1":9.0,"w2":8.0}'
 
 
