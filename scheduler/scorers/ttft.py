@@ -32,13 +32,15 @@ class TTFTScorer:
                  load_tokens_per_s: Mapping[str, float] | None = None, work_weight: float = 0.0,
                  load_scaled: bool = True, hit_scaled: bool = True, track_steps: bool = False,
                  batch_weight: float = 0.0, batch_window_s: float = 0.01,
-                 stall_weight: float = 0.0) -> None:
+                 stall_weight: float = 0.0, pressure_cap: float = 1.0) -> None:
         if prefill_tokens_per_s <= 0 or request_duration_s <= 0:
             raise ValueError("prefill_tokens_per_s and request_duration_s must be positive")
         if work_weight < 0 or step_overhead_s < 0 or default_request_tokens < 0:
             raise ValueError("work_weight, step_overhead_s and default_request_tokens must be >= 0")
         if batch_weight < 0 or batch_window_s < 0 or stall_weight < 0:
             raise ValueError("batch_weight, batch_window_s and stall_weight must be >= 0")
+        if pressure_cap <= 0:
+            raise ValueError(f"pressure_cap must be positive, got {pressure_cap}")
         self.speed = float(prefill_tokens_per_s)
         self.overhead = float(step_overhead_s)
         self.default_tokens = int(default_request_tokens)
@@ -51,6 +53,7 @@ class TTFTScorer:
         self.batch_weight = float(batch_weight)
         self.batch_window_s = float(batch_window_s)
         self.stall_weight = float(stall_weight)
+        self.pressure_cap = float(pressure_cap)
         self._steps: dict[str, _Steps] = {}
 
     def _view(self, w: WorkerState, now: float | None, speed: float) -> _Steps | None:
@@ -110,11 +113,12 @@ class TTFTScorer:
         waiting = [a if a > b else b for a, b in ((w.reported_waiting, w.pending_prefill) for w in workers)]
         # The work charge: recomputing what another worker holds costs the cluster prefill time that
         # later requests wait behind, and duplicates the prefix in a second cache (evicting others').
-        # Scaled by the mean queue length (<= 1: nothing waits, nothing is delayed) and by the share
-        # of the prompt cached somewhere (little reusable: the work is mostly unavoidable anyway).
+        # Scaled by the mean queue length (0: nothing waits, nothing is delayed; each request waiting
+        # is delayed by it, up to `pressure_cap` of them) and by the share of the prompt cached
+        # somewhere (little reusable: the work is mostly unavoidable anyway).
         work_weight = self.work_weight
         if self.load_scaled:
-            work_weight *= min(1.0, sum(waiting) / len(workers))
+            work_weight *= min(self.pressure_cap, sum(waiting) / len(workers))
         if self.hit_scaled:
             best = max(m.blocks for m in ctx.matches()) * bs
             work_weight *= min(1.0, best / prompt) if prompt else 0.0

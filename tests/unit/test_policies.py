@@ -297,10 +297,10 @@ def test_ours_trades_cache_hits_against_queues():
     workers = ws("cached", "idle")
     workers[0].pending_prefill, workers[0].pending_prefill_tokens = 1, 4000  # 0.4 s of queue at 10k tok/s
     d = policy_by_name("ours").decide(req, workers, ix)
-    # idle: 0.322 s to prefill, charged 8 x 0.5 (mean waiting) more for the recomputation
-    assert d.details["ttft.cost_s"][1] == pytest.approx(0.322 * 5)
+    # idle: 0.322 s to prefill, charged 48 x 0.5 (mean waiting) more for the recomputation
+    assert d.details["ttft.cost_s"][1] == pytest.approx(0.322 * 25)
     assert d.worker_id == "cached"  # 0.4 s queue + ~0 prefill < 0.322 s prefill + the charge
-    workers[0].pending_prefill_tokens = 20000  # 2 s of queue: now worth recomputing
+    workers[0].pending_prefill_tokens = 100_000  # 10 s of queue: now worth recomputing
     d = policy_by_name("ours").decide(req, workers, ix)
     assert d.worker_id == "idle"
     workers[0].pending_prefill = workers[0].pending_prefill_tokens = 0

@@ -20,7 +20,7 @@ def test_default_is_the_ttft_cost_model():
     assert p.name == "ours"
     ((ttft, w),) = p.scorers
     assert isinstance(ttft, TTFTScorer) and w == 1.0
-    assert (ttft.work_weight, ttft.load_scaled, ttft.hit_scaled) == (8.0, True, True)
+    assert (ttft.work_weight, ttft.pressure_cap, ttft.load_scaled, ttft.hit_scaled) == (48.0, 4.0, True, True)
     assert (ttft.track_steps, ttft.batch_weight, ttft.batch_window_s, ttft.stall_weight) == (True, 1.0, 0.01, 0.1)
     assert isinstance(p.picker, MaxScore) and p.picker.tie_break == "lru"
     assert p.overlay is not None and p.overlay.ttl_s == 20

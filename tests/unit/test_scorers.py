@@ -189,6 +189,28 @@ def test_ttft_work_weight_charges_recomputation():
     assert c.details["ttft.cost_s"] == approx([0.001, 1.6])
 
 
+def test_ttft_work_charge_grows_with_the_queue_up_to_pressure_cap():
+    ix = BlockIndex()
+    req = request(100)
+    ix.stored("cached", "m", req.block_hashes)
+    workers = ws("cached", "idle")
+    workers[0].reported_waiting = 6  # 3 waiting per worker on average
+
+    def charge(cap: float) -> list[float]:
+        c = ctx(req, workers, ix)
+        scorer = TTFTScorer(prefill_tokens_per_s=1000, step_overhead_s=0.0, work_weight=2.0, pressure_cap=cap)
+        scorer.score(c, workers)
+        d = c.details
+        return [(cost - ttft) / pre
+                for cost, ttft, pre in zip(d["ttft.cost_s"], d["ttft.predicted_s"], d["ttft.prefill_s"])]
+
+    assert charge(1.0) == approx([2.0, 2.0])  # the default: saturates at one waiting per worker
+    assert charge(2.0) == approx([4.0, 4.0])
+    assert charge(4.0) == approx([6.0, 6.0])  # the mean queue (3) itself, below the cap
+    with pytest.raises(ValueError, match="pressure_cap"):
+        TTFTScorer(pressure_cap=0)
+
+
 def test_ttft_counts_speculative_prefixes_as_cached():
     req = request(10, tokens=160, now=0.0)
     overlay = SpeculativePrefixes(ttl_s=5, stride=1)
