@@ -1,6 +1,7 @@
 """Filters: hard constraints a worker must meet before it is scored.
 
-Each returns the reason a worker is rejected (shown by Explain) or None.
+Each returns the reason a worker is rejected (shown by Explain) or None, and `admit` gives
+the same verdict for a whole list in one pass (what a decision uses; see framework.Filter).
 - `model`: the worker serves the request's model.
 - `routable`: the worker accepts new requests: not draining, its circuit breaker closed
   (scheduler/resilience.py), and not one that already failed this request (failover).
@@ -23,12 +24,21 @@ class ModelFilter:
     def reject(self, request: RequestView, worker: WorkerState) -> str | None:
         return None if worker.model == request.model else f"serves {worker.model}"
 
+    def admit(self, request: RequestView, workers: list[WorkerState]) -> list[WorkerState]:
+        model = request.model
+        return [w for w in workers if w.model == model]
+
 
 class RoutableFilter:
     name = "routable"
 
     def reject(self, request: RequestView, worker: WorkerState) -> str | None:
         return worker.unavailable_reason(request)
+
+    def admit(self, request: RequestView, workers: list[WorkerState]) -> list[WorkerState]:
+        exclude, now = request.exclude, request.now
+        return [w for w in workers if w.routable and w.worker_id not in exclude
+                and (now is None or w.circuit.allows(now))]
 
 
 class RoleFilter:
@@ -47,6 +57,14 @@ class RoleFilter:
         allowed = request.roles if request.roles is not None else self.allowed
         role = Role.BOTH if worker.role == Role.UNSPECIFIED else worker.role  # records from before roles
         return None if role in allowed else f"role {role.name.lower()} not allowed"
+
+    def admit(self, request: RequestView, workers: list[WorkerState]) -> list[WorkerState]:
+        allowed = request.roles if request.roles is not None else self.allowed
+        # reject()'s mapping turned around: an UNSPECIFIED worker is BOTH.
+        ok = {r for r in allowed if r != Role.UNSPECIFIED}
+        if Role.BOTH in allowed:
+            ok.add(Role.UNSPECIFIED)
+        return [w for w in workers if w.role in ok]
 
 
 FILTERS: dict[str, Any] = {"model": ModelFilter, "routable": RoutableFilter, "role": RoleFilter}

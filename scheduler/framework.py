@@ -85,7 +85,8 @@ class WorkerState:
 
     def unavailable_reason(self, request: RequestView) -> str | None:
         """Why this worker must not take `request` now (the `routable` filter), or None:
-        draining, already failed this request (failover), or its circuit is open."""
+        draining, already failed this request (failover), or its circuit is open.
+        (filters.RoutableFilter.admit makes the same test for a list of workers.)"""
         if not self.routable:
             return "not routable"
         if self.worker_id in request.exclude:
@@ -275,6 +276,10 @@ class Filter(Protocol):
     def reject(self, request: RequestView, worker: WorkerState) -> str | None:
         """Why `worker` can't take `request`, or None when it can."""
 
+    # Optional: `admit(request, workers) -> the workers it accepts, in order`, the same answer
+    # as `reject` per worker in one pass. apply_filters uses it when present (a method call per
+    # worker per filter was ~15% of a 64-worker decision) and asks `reject` only for the reasons.
+
 
 class Scorer(Protocol):
     name: str
@@ -409,16 +414,26 @@ def apply_filters(filters: Sequence[Filter], request: RequestView, workers: list
                   ) -> tuple[list[WorkerState], dict[str, str]]:
     """(eligible workers, {worker_id: the first failing filter's reason} for the rest)."""
     filtered: dict[str, str] = {}
-    eligible: list[WorkerState] = []
-    for w in workers:
-        for f in filters:
-            why = f.reject(request, w)
-            if why:
-                filtered[w.worker_id] = why
-                break
+    eligible = workers
+    for f in filters:
+        admit = getattr(f, "admit", None)
+        if admit is None:
+            kept = []
+            for w in eligible:
+                why = f.reject(request, w)
+                if why:
+                    filtered[w.worker_id] = why
+                else:
+                    kept.append(w)
         else:
-            eligible.append(w)
-    return eligible, filtered
+            kept = admit(request, eligible)
+            if len(kept) != len(eligible):
+                admitted = {id(w) for w in kept}
+                for w in eligible:
+                    if id(w) not in admitted:
+                        filtered[w.worker_id] = f.reject(request, w) or f"rejected by {f.name}"
+        eligible = kept
+    return list(eligible), filtered
 
 
 def start_decision(policy: str, filters: Sequence[Filter], request: RequestView, workers: list[WorkerState]

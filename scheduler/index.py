@@ -13,7 +13,10 @@ Layout (why it is fast and small in CPython):
 - `match_prefix` walks the request's hashes with one dict lookup and one AND
   per block; per-worker bookkeeping happens only where the set of holders
   (or a holder's best tier) changes, which is rare along a prefix. It stops
-  at the first block no remaining worker holds.
+  at the first block no remaining worker holds. When every holder of the
+  first block has a single slot (one tier: the common case), a leaner walk
+  only notes where bits drop out (`_match_single`): a system prompt that 60
+  of 64 workers hold to different lengths costs ~0.05 ms instead of ~0.3.
 
 Invariants:
 - A worker's match is the run of *consecutive* leading blocks it holds in any
@@ -117,6 +120,7 @@ class BlockIndex:
         self._live = 0  # mask of live slots
         self._worker_bits: dict[str, int] = {}  # worker -> mask of its live slots
         self._worker_slots: dict[str, list[tuple[int, int]]] = {}  # worker -> [(tier, bit)] by tier
+        self._multi = 0  # mask of the live slots of workers with more than one (match_prefix's fast path)
         self._free: list[int] = []  # reusable slots
         self._retired: dict[int, int] = {}  # slot -> generation turnovers left before reuse
         self._intern: dict[int, int] = {}
@@ -226,6 +230,11 @@ class BlockIndex:
 
         Touches the matched blocks (they count as recently used for eviction).
         """
+        if not block_hashes:
+            return {}
+        first = self._holders(model, block_hashes[0]) & self._live
+        if not first & self._multi:
+            return self._match_single(model, block_hashes, first)
         out: dict[str, PrefixMatch] = {}
         for worker, segments in self._walk(model, block_hashes).items():
             by_tier = [0] * NUM_TIERS
@@ -378,6 +387,68 @@ class BlockIndex:
             self._promote(model, promote)
         return done
 
+    def _holders(self, model: str, h: int) -> int:
+        """The slot mask stored for one block (0 when unknown); no side effects."""
+        k = h & SHARD_MASK
+        for gen in (self._young.get(model), self._old.get(model)):
+            if gen is not None and (v := gen[k].get(h)) is not None:
+                return v
+        return 0
+
+    def _match_single(self, model: str, hashes: Sequence[int], first: int) -> dict[str, PrefixMatch]:
+        """match_prefix when every holder of the first block has one live slot (one tier).
+
+        Then a slot's run is a worker's run, and a run ends where the slot's bit leaves the
+        mask: the walk only records the block at which each set of bits drops out, and the
+        per-worker work is one PrefixMatch at the end. (The general walk books segments per
+        worker at every change: ~5 µs per holder, 0.3 ms for a system prompt that 60 of 64
+        workers hold.) Same result as the general walk; touches the matched blocks alike.
+        """
+        out: dict[str, PrefixMatch] = {}
+        if not first:
+            return out
+        gets = self._gets.get(model)
+        young, old = self._young.get(model), self._old.get(model)
+        if gets is None or gets[0] is not young or gets[1] is not old:
+            gets = (young, old, [d.get for d in young] if young is not None else _NO_GETS,
+                    [d.get for d in old] if old is not None else _NO_GETS)
+            self._gets[model] = gets
+        ygets, ogets = gets[2], gets[3]
+        alive = first  # slots whose run is still going
+        ends: list[tuple[int, int]] = []  # (block index where these slots' runs end, their bits)
+        promote: list[int] = []
+        end = len(hashes)
+        for i, h in enumerate(hashes):
+            v = ygets[h & SHARD_MASK](h)
+            if v is None:
+                v = ogets[h & SHARD_MASK](h)
+                if v is None:
+                    end = i
+                    break
+                if v & alive:
+                    promote.append(h)
+            s = v & alive
+            if s != alive:
+                ends.append((i, alive ^ s))
+                alive = s
+                if not s:
+                    end = i
+                    break
+        if alive:
+            ends.append((end, alive))
+        owner = self._owner
+        for n, bits in ends:
+            while bits:
+                low = bits & -bits
+                bits ^= low
+                worker, tier = owner[low.bit_length() - 1]  # type: ignore[misc]
+                by_tier = [0] * NUM_TIERS
+                by_tier[tier] = n
+                out[worker] = PrefixMatch(n, by_tier)
+        if promote:
+            self._promote(model, promote)
+        return out
+
     def _promote(self, model: str, hashes: list[int]) -> None:
         """Move matched keys of the old generation into the young one (they were just used)."""
         old = self._old[model]
@@ -455,7 +526,14 @@ class BlockIndex:
         slots = self._worker_slots.setdefault(worker_id, [])
         slots.append((tier, bit))
         slots.sort()
+        self._set_multi(worker_id)
         return slot
+
+    def _set_multi(self, worker_id: str) -> None:
+        bits = self._worker_bits.get(worker_id, 0)
+        self._multi &= ~bits
+        if bits & (bits - 1):  # two bits or more
+            self._multi |= bits
 
     def _retire(self, worker_id: str, slot: int) -> None:
         bit = 1 << slot
@@ -464,6 +542,8 @@ class BlockIndex:
         self._live &= ~bit
         self._worker_bits[worker_id] &= ~bit
         self._worker_slots[worker_id] = [(t, b) for t, b in self._worker_slots[worker_id] if b != bit]
+        self._multi &= ~bit
+        self._set_multi(worker_id)
         self._owner[slot] = None
         self._retired[slot] = 2  # no key carries the bit after two turnovers
 

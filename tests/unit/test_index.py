@@ -157,8 +157,12 @@ def _reference_match(held: set[tuple[str, int, int]], model_hashes: list[int]) -
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_operations_agree_with_a_brute_force_model(seed):
-    """Churn (stores, removes, clears, workers leaving, returning) vs a set of (worker, tier, hash)."""
+@pytest.mark.parametrize("engine_only", [0, 6, 12])
+def test_random_operations_agree_with_a_brute_force_model(seed, engine_only):
+    """Churn (stores, removes, clears, workers leaving, returning) vs a set of (worker, tier, hash).
+
+    The first `engine_only` workers use one tier only: a prefix whose first block only they
+    hold takes match_prefix's single-slot walk, the others the general one."""
     rng = random.Random(seed)
     ix = BlockIndex()
     held: set[tuple[str, int, int]] = set()
@@ -166,7 +170,8 @@ def test_random_operations_agree_with_a_brute_force_model(seed):
     chains = [[rng.getrandbits(64) for _ in range(12)] for _ in range(4)]
     for step in range(1500):
         op = rng.random()
-        w, t = rng.choice(workers), rng.choice(list(Tier))
+        w = rng.choice(workers)
+        t = Tier.ENGINE if int(w[1:]) < engine_only else rng.choice(list(Tier))
         chain = rng.choice(chains)
         blocks = chain[: rng.randrange(1, len(chain) + 1)]
         if op < 0.5:
@@ -230,3 +235,37 @@ def test_run_from_counts_a_holders_blocks_from_any_position():
     ix.cleared("store", Tier.STORE)
     assert ix.holders_in_tier(Tier.STORE) == [] and ix.run_from("store", "m", [3, 4, 5], 0) == 0
     assert ix.run_from("store", "m", [7], 0) == 1  # its ENGINE-tier slot is still live
+
+
+def test_single_slot_walk_equals_the_general_walk_on_a_shared_system_prompt():
+    """60 of 64 workers hold a prompt's head and drop out at different blocks (the case the
+    single-slot walk exists for); the general walk, forced by a second tier elsewhere, agrees."""
+    rng = random.Random(7)
+    chain = [rng.getrandbits(64) for _ in range(200)]
+    fast, general = BlockIndex(), BlockIndex()
+    for i in range(60):
+        run = chain[: rng.randrange(1, 201)]
+        fast.stored(f"w{i}", "m", run)
+        general.stored(f"w{i}", "m", run)
+    general.stored("w0", "m", chain[:1], Tier.HOST)  # w0 now has two slots: the general walk
+    fast.stored("w60", "m", [rng.getrandbits(64)], Tier.HOST)  # a 2-tier worker not on the prefix
+    general.stored("w60", "m", [rng.getrandbits(64)], Tier.HOST)
+    assert fast._multi == 0 or not (fast._holders("m", chain[0]) & fast._multi)
+    assert general._holders("m", chain[0]) & general._multi
+    got, want = fast.match_prefix("m", chain), general.match_prefix("m", chain)
+    assert got == want and len(got) == 60
+    assert sorted({m.blocks for m in got.values()}) != [200]  # runs of many lengths
+
+
+def test_a_worker_back_to_one_tier_takes_the_single_slot_walk_again():
+    ix = BlockIndex()
+    ix.stored("a", "m", [1, 2], Tier.ENGINE)
+    assert ix._multi == 0
+    ix.stored("a", "m", [3], Tier.HOST)
+    assert ix._multi == ix._worker_bits["a"]  # two slots: the general walk
+    ix.cleared("a", Tier.HOST)
+    assert ix._multi == 0
+    ix.stored("b", "m", [1], Tier.DISK)  # may reuse no retired slot yet; one slot each
+    assert ix._multi == 0
+    assert ix.match_prefix("m", [1, 2, 3]) == {"a": PrefixMatch(2, [2, 0, 0, 0]),
+                                               "b": PrefixMatch(1, [0, 0, 1, 0])}
