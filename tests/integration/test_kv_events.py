@@ -22,18 +22,11 @@ from services.membership import MemberDirectory
 from services.procs import Child, free_port, grpc_serving
 from services.kv_events import KVEventSubscriber
 from tests.unit.test_kv_event_log import RecordingIndex
+from tests.waiting import until
 
 MODEL = "sim-kv"
 BLOCK = 16
 BUFFER = 64  # the workers' replay ring, in events: small, so a paused subscriber falls out of it
-
-
-async def wait_for(predicate, timeout: float, what: str = "condition", detail=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met within {timeout}s {detail()}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +127,7 @@ async def test_replicas_converge_through_replay_snapshot_and_a_worker_leaving(kv
     for r in (a, b, c):
         await r.start()
     try:
-        await wait_for(lambda: all(set(r.subscriber.feeds) == set(workers) for r in (a, b, c)), 10, "feeds")
+        await until(lambda: all(set(r.subscriber.feeds) == set(workers) for r in (a, b, c)), 10, "feeds")
         await traffic(workers, 12, seed=1)
 
         # Replay: A drops its streams mid-traffic and resumes from its last seq.
@@ -152,7 +145,7 @@ async def test_replicas_converge_through_replay_snapshot_and_a_worker_leaving(kv
         assert all(seq > 2 * BUFFER for _, seq, _ in truths.values()), "the test must overflow the buffer"
         assert all(blocks for _, _, blocks in truths.values())
         for r in (a, b, c):
-            await wait_for(lambda r=r: caught_up(r, truths), 10, "replica caught up",
+            await until(lambda r=r: caught_up(r, truths), 10, "replica caught up",
                            lambda r=r: f"{r.subscriber.feeds} vs {[t[:2] for t in truths.values()]}")
 
         expected = {w: {Tier.ENGINE: blocks} for w, (_, _, blocks) in truths.items()}
@@ -173,7 +166,7 @@ async def test_replicas_converge_through_replay_snapshot_and_a_worker_leaving(kv
         gone = "kv-w2"
         workers[gone][1].stop()
         for r in (a, b, c):
-            await wait_for(lambda r=r: gone not in r.subscriber.feeds, 10, "leaver dropped")
+            await until(lambda r=r: gone not in r.subscriber.feeds, 10, "leaver dropped")
         assert set(a.index.view()) == set(b.index.view()) == {"kv-w1"}
         assert c.index.workers() == ["kv-w1"] and c.index.blocks_of(gone) == 0
         assert not any(gone in c.index.match(MODEL, [h]) for h in truths[gone][2])
@@ -239,7 +232,7 @@ async def test_zmq_reader_fills_gaps_from_vllm_replay_and_clears_what_it_cannot(
             reader.start()
             await asyncio.sleep(0.3)  # the SUB has connected
             publish(published_early)
-            await wait_for(lambda: any(getattr(e, "block_hashes", None) == (published_early,) for e in received),
+            await until(lambda: any(getattr(e, "block_hashes", None) == (published_early,) for e in received),
                            5, "the live event")
         finally:
             await reader.stop()

@@ -29,6 +29,7 @@ from services.kvstore_service import SERVICE_NAME
 from services.membership import EtcdConnection, kvchunk_prefix
 from services.procs import Child, free_port, grpc_serving
 from services.tls import TlsFiles
+from tests.waiting import until_sync
 
 MODEL, LAYOUT = "m", "layout-a"
 BLOCK = 64 * 1024  # 64 blocks fill the 4 MiB RAM tier
@@ -104,15 +105,6 @@ def etcd_prefix(etcd: EtcdServer, prefix: str, leases: bool = False) -> dict[str
     return asyncio.run(read())
 
 
-def wait_until(predicate, timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
 def status_details(exc: grpc.RpcError) -> tuple[list[str], float | None]:
     """(BadRequest fields, RetryInfo seconds) from the error's trailers."""
     status = rpc_status.from_call(exc)
@@ -168,7 +160,7 @@ def test_put_lookup_pin_get_and_reserve_commit(stores, tmp_path, etcd) -> None:
     assert stats.ram.blocks == 10 and stats.ram.bytes_used == 10 * BLOCK and stats.stored_blocks == 10
     assert stats.ram.bytes_total == 4 << 20 and stats.disk.bytes_total == 64 << 20
     assert stats.reserved_blocks == 0 and stats.pinned_blocks == 0 and stats.hit_blocks >= 24
-    wait_until(lambda: store.metric("llm_mesh_kvstore_stored_blocks_total") == 10, 3, "stats refreshed for /metrics")
+    until_sync(lambda: store.metric("llm_mesh_kvstore_stored_blocks_total") == 10, 3, "stats refreshed for /metrics")
     assert store.metric('llm_mesh_kvstore_transfer_bytes_total{op="write",path="grpc"}') == 10 * BLOCK
     assert store.metric('llm_mesh_kvstore_requests_total{code="NOT_FOUND",method="CommitWrite"}') == 1
 
@@ -240,7 +232,7 @@ def test_chunk_records_in_etcd_vanish_with_the_lease_after_kill_9(stores, tmp_pa
     with store.client() as c:
         assert c.put(MODEL, LAYOUT, blocks) == (10, [])
     prefix = kvchunk_prefix(store.id)
-    wait_until(lambda: len(etcd_prefix(etcd, prefix)) == 3, 5, "3 chunk records")
+    until_sync(lambda: len(etcd_prefix(etcd, prefix)) == 3, 5, "3 chunk records")
     records = {k: decode_chunk(v) for k, v in etcd_prefix(etcd, prefix).items()}
     assert sorted(records) == sorted(f"{prefix}{MODEL}/{h:016x}" for h in (hashes[0], hashes[4], hashes[8]))
     assert {tuple(r.block_hashes) for r in records.values()} == {tuple(hashes[0:4]), tuple(hashes[4:8]),
@@ -249,7 +241,7 @@ def test_chunk_records_in_etcd_vanish_with_the_lease_after_kill_9(stores, tmp_pa
     assert store.metric("llm_mesh_kvstore_chunk_records") == 3
     store.child.signal(signal.SIGKILL)
     # No revoke: etcd drops the lease (TTL 2 s) and every key under it.
-    took = wait_until(lambda: not etcd_prefix(etcd, prefix), 8, "chunk records gone with the lease")
+    took = until_sync(lambda: not etcd_prefix(etcd, prefix), 8, "chunk records gone with the lease")
     assert took > 0.5, "gone before the lease could lapse: something deleted them"
     assert store.id not in list_stores(etcd.endpoint)
 
@@ -276,7 +268,7 @@ def test_a_write_of_a_prefix_tail_joins_the_aligned_chunk_records(stores, tmp_pa
             c.put(MODEL, LAYOUT, blocks[:1], start=1 << 24, parent=1)
         assert status_details(err.value)[0] == ["start_position"]
     prefix = kvchunk_prefix(store.id)
-    wait_until(lambda: len(etcd_prefix(etcd, prefix)) == 2, 5, "2 chunk records")
+    until_sync(lambda: len(etcd_prefix(etcd, prefix)) == 2, 5, "2 chunk records")
     records = {k: decode_chunk(v) for k, v in etcd_prefix(etcd, prefix).items()}
     assert {k: tuple(r.block_hashes) for k, r in records.items()} == {
         f"{prefix}{MODEL}/{hashes[0]:016x}": tuple(hashes[0:4]), f"{prefix}{MODEL}/{hashes[4]:016x}": tuple(hashes[4:6])}
@@ -290,18 +282,18 @@ def test_chunk_records_are_written_again_when_the_lease_lapsed_in_an_etcd_outage
         with store.client() as c:
             assert c.put(MODEL, LAYOUT, blocks_of(8, 8)) == (8, [])
         prefix = kvchunk_prefix(store.id)
-        wait_until(lambda: len(etcd_prefix(server, prefix)) == 2, 5, "2 chunk records")
+        until_sync(lambda: len(etcd_prefix(server, prefix)) == 2, 5, "2 chunk records")
         (first_lease,) = set(etcd_prefix(server, prefix, leases=True).values())
         server.pause()  # etcd hangs longer than the 2 s TTL: the lease lapses, taking the records along
         time.sleep(4)
         server.resume()
-        wait_until(lambda: (lambda leases: len(leases) == 2 and first_lease not in leases.values())(
+        until_sync(lambda: (lambda leases: len(leases) == 2 and first_lease not in leases.values())(
             etcd_prefix(server, prefix, leases=True)), 15, "the records under the new lease")
         assert {tuple(decode_chunk(v).block_hashes) for v in etcd_prefix(server, prefix).values()} == {
             tuple(chain(8, 8)[:4]), tuple(chain(8, 8)[4:])}
         # A clean stop revokes the lease: the records go at once, not after the TTL.
         store.child.signal(signal.SIGTERM)
-        assert wait_until(lambda: not etcd_prefix(server, prefix), 5, "records revoked") < 1.5
+        assert until_sync(lambda: not etcd_prefix(server, prefix), 5, "records revoked") < 1.5
     finally:
         store.stop()
         server.stop()
@@ -333,11 +325,11 @@ def test_kill_9_restart_serves_spilled_blocks_and_a_corrupt_file_is_a_miss(store
         assert c.stats().corrupt_blocks == 1
         assert c.lookup(MODEL, LAYOUT, hashes) == (30, 30)  # dropped from the store
         assert not path.exists()
-    wait_until(lambda: store.metric("llm_mesh_kvstore_corrupt_blocks_total") == 1, 3, "corrupt counted in /metrics")
+    until_sync(lambda: store.metric("llm_mesh_kvstore_corrupt_blocks_total") == 1, 3, "corrupt counted in /metrics")
     # The restarted store announced what it recovered, and rewrote its chunk records.
     def recorded() -> list[int]:
         return [h for v in etcd_prefix(etcd, kvchunk_prefix(store.id)).values() for h in decode_chunk(v).block_hashes]
-    wait_until(lambda: recorded() == hashes[:30] + hashes[31:], 3, "the chunk record without the corrupt block")
+    until_sync(lambda: recorded() == hashes[:30] + hashes[31:], 3, "the chunk record without the corrupt block")
 
 
 # ---------------------------------------------------------------- validation

@@ -8,26 +8,17 @@ import signal
 import time
 
 import grpc
-import pytest
 
 from llm_mesh.v1 import inference_pb2, inference_pb2_grpc, membership_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.etcd_server import EtcdServer
 from services.membership import MemberDirectory, Registration
 from tests.conftest import SIM_ARGS, free_port, start_mesh
+from tests.waiting import until
 
 
 def worker_member(member_id: str) -> membership_pb2.Member:
     return membership_pb2.Member(id=member_id, kind=membership_pb2.MEMBER_KIND_WORKER, address="127.0.0.1:1",
                                  worker=membership_pb2.WorkerInfo(model="m", max_model_len=100))
-
-
-async def wait_for(predicate, timeout: float) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - start
 
 
 async def test_register_watch_and_revoke_on_exit(etcd):
@@ -39,10 +30,10 @@ async def test_register_watch_and_revoke_on_exit(etcd):
     try:
         async with Registration([etcd.endpoint], worker_member("reg-a"), ttl=5) as registration:
             await registration.registered.wait()
-            await wait_for(lambda: "reg-a" in directory.members, 2)
+            await until(lambda: "reg-a" in directory.members, 2)
             assert directory.members["reg-a"].worker.model == "m"
         # Revoked on a clean exit: gone at once, not after the 5 s TTL.
-        assert await wait_for(lambda: "reg-a" not in directory.members, 1.0) < 1.0
+        assert await until(lambda: "reg-a" not in directory.members, 1.0) < 1.0
         assert seen == [("reg-a", True), ("reg-a", False)]
     finally:
         await directory.stop()
@@ -57,7 +48,7 @@ async def test_update_republishes_the_record(etcd):
             updated = worker_member("reg-b")
             updated.address = "127.0.0.1:2"
             registration.update(updated)
-            await wait_for(lambda: directory.members.get("reg-b", updated).address == "127.0.0.1:2", 2)
+            await until(lambda: directory.members.get("reg-b", updated).address == "127.0.0.1:2", 2)
     finally:
         await directory.stop()
 
@@ -70,13 +61,13 @@ async def test_outage_keeps_the_view_and_re_registers(tmp_path):
     try:
         async with Registration([server.endpoint], worker_member("reg-c"), ttl=2) as registration:
             await registration.registered.wait()
-            await wait_for(lambda: "reg-c" in directory.members, 2)
+            await until(lambda: "reg-c" in directory.members, 2)
             server.pause()  # etcd hangs: no answers, sockets open
             await asyncio.sleep(4)
             assert "reg-c" in directory.members, "the last known view must survive an etcd outage"
             server.resume()
             # The lease lapsed during the outage: the registration grants a new one.
-            await wait_for(lambda: registration.registered.is_set() and "reg-c" in directory.members, 10)
+            await until(lambda: registration.registered.is_set() and "reg-c" in directory.members, 10)
             await asyncio.sleep(3)  # longer than the TTL: the new lease is being kept alive
             assert "reg-c" in directory.members
     finally:
@@ -131,6 +122,6 @@ async def test_registers_within_seconds_once_a_refusing_etcd_comes_up(tmp_path):
         await asyncio.sleep(30)  # failed reconnects all along: uncapped, the next try would be 10-20 s away
         server.start()
         try:
-            assert await wait_for(registration.registered.is_set, 6) < 6
+            assert await until(registration.registered.is_set, 6) < 6
         finally:
             server.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 import grpc
 import httpx
@@ -20,6 +19,7 @@ from services.tokenizer import ModelTokenizer
 from services.etcd_server import EtcdServer
 from services.procs import free_port
 from tests.conftest import SIM_ARGS, start_mesh
+from tests.waiting import poll
 
 PREFILL, DECODE = [*SIM_ARGS, "--role", "prefill"], [*SIM_ARGS, "--role", "decode"]
 
@@ -137,10 +137,8 @@ async def test_client_cancel_aborts_the_decode_leg(pd_mesh):
         for _ in range(5):
             await call.read()
         call.cancel()
-    deadline = time.monotonic() + 10
-    while (after := await load(addresses["decode"])).running and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert after.running == 0 and after.requests_aborted >= before.requests_aborted + 1
+    after = await poll(lambda: load(addresses["decode"]), lambda lo: lo.running == 0, 10, "decode leg aborted")
+    assert after.requests_aborted >= before.requests_aborted + 1
     await asyncio.sleep(1.0)  # an aborted request generates nothing more
     later = await load(addresses["decode"])
     assert later.generated_tokens == after.generated_tokens

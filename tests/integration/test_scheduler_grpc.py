@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from llm_mesh.v1 import (inference_pb2, inference_pb2_grpc, sampling_pb2, scheduler_pb2, scheduler_pb2_grpc,
                          worker_pb2, worker_pb2_grpc)
 
+from tests.waiting import poll
 
 @pytest.fixture
 async def inference(sim_mesh):
@@ -160,11 +161,9 @@ async def test_cancelled_stream_aborts_the_engine_request(sim_mesh, inference):
         during = await worker.GetLoad(worker_pb2.GetLoadRequest())
         assert during.running >= 1
         call.cancel()
-        deadline = time.monotonic() + 10  # the cancel crosses two processes: a loaded machine is slow
-        after = await worker.GetLoad(worker_pb2.GetLoadRequest())
-        while after.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            after = await worker.GetLoad(worker_pb2.GetLoadRequest())
+        # the cancel crosses two processes: a loaded machine is slow
+        after = await poll(lambda: worker.GetLoad(worker_pb2.GetLoadRequest()), lambda lo: lo.running == 0, 10,
+                           "the worker's request aborted")
         await asyncio.sleep(0.5)
         later = await worker.GetLoad(worker_pb2.GetLoadRequest())
     assert after.running == 0

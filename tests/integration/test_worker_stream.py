@@ -17,6 +17,7 @@ from llm_mesh.v1 import sampling_pb2, worker_pb2, worker_pb2_grpc
 from services.procs import Child, free_port, grpc_serving
 from services.worker_stream import WorkerStream
 from tests.conftest import SIM_ARGS
+from tests.waiting import until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
@@ -48,13 +49,6 @@ async def collect(call) -> tuple[list[int], int]:
 
 async def load(stub: worker_pb2_grpc.WorkerStub) -> worker_pb2.WorkerLoad:
     return await stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
 
 
 async def test_requests_on_one_stream_get_what_separate_calls_get(worker):
@@ -111,13 +105,13 @@ async def test_cancel_and_deadline_abort_the_engine_request(worker):
         async def aborted_by(n: int) -> bool:
             now = await load(stub)
             return now.requests_aborted >= aborted + n and now.running == 0
-        await until(lambda: aborted_by(1))
+        await until(lambda: aborted_by(1), 10, "first abort")
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as late:
             await collect(stream.generate(generate_request("slow", [4, 5, 7], 2000), timeout=0.3))
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 2.0
-        await until(lambda: aborted_by(2))
+        await until(lambda: aborted_by(2), 10, "second abort")
         # The id is free again once its request ended.
         tokens, _ = await collect(stream.generate(generate_request("long", [4, 5, 6], 3)))
         assert len(tokens) == 3
