@@ -559,7 +559,8 @@ def print_table(results: dict) -> None:
               f"{d['index_entries']:,} (block, worker) entries)")
         print(f"{'policy':14s} {'blocks':>6s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} {'CPU p99':>8s}")
         for r in d["rows"]:
-            print(f"{r['policy']:14s} {r['prompt_blocks']:6d} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['max_ms']:8.3f} "
+            print(f"{r['policy']:14s} {r['prompt_blocks']:6d} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} "
+                  f"{r['max_ms']:8.3f} "
                   f"{r['cpu_p99_ms']:8.3f}")
     rows = summary_rows(results)
     width = max(len(r[0]) for r in rows) if rows else 10

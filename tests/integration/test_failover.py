@@ -23,6 +23,7 @@ from llm_mesh.v1 import inference_pb2, inference_pb2_grpc, sampling_pb2, schedul
 from services.etcd_server import EtcdServer
 from services.procs import Child, free_port, http_ok
 from tests.conftest import SIM_ARGS, start_mesh
+from tests.waiting import poll
 
 MODEL = "SmolLM2-135M-Instruct"
 # ~10 ms a token: a 120-token stream lasts >1 s, long enough to kill its worker mid-way.
@@ -134,7 +135,13 @@ async def test_overload_is_refused_at_once_with_a_retry_hint(etcd, model_dir, tm
     try:
         gateway.wait_ready(lambda: http_ok(f"http://127.0.0.1:{gateway_port}/health"), 60)
         long = [asyncio.create_task(stream(mesh.scheduler_address, request(i, 400))) for i in range(12)]
-        await asyncio.sleep(1.0)  # all 12 admitted and streaming
+        async with grpc.aio.insecure_channel(mesh.scheduler_address) as channel:
+            async def inflight() -> int:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                listed = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest())
+                return sum(w.inflight for w in listed.workers)
+
+            await poll(inflight, lambda n: n == 12, 30, "all 12 long streams admitted")
         refused_at = time.monotonic()
         extra = await asyncio.gather(*(stream(mesh.scheduler_address, request(100 + i, 150)) for i in range(24)),
                                      return_exceptions=True)

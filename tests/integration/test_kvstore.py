@@ -160,7 +160,8 @@ def test_put_lookup_pin_get_and_reserve_commit(stores, tmp_path, etcd) -> None:
     assert stats.ram.blocks == 10 and stats.ram.bytes_used == 10 * BLOCK and stats.stored_blocks == 10
     assert stats.ram.bytes_total == 4 << 20 and stats.disk.bytes_total == 64 << 20
     assert stats.reserved_blocks == 0 and stats.pinned_blocks == 0 and stats.hit_blocks >= 24
-    until_sync(lambda: store.metric("llm_mesh_kvstore_stored_blocks_total") == 10, 3, "stats refreshed for /metrics")
+    until_sync(lambda: store.metric("llm_mesh_kvstore_stored_blocks_total") == 10, 3,
+               "stats refreshed for /metrics")
     assert store.metric('llm_mesh_kvstore_transfer_bytes_total{op="write",path="grpc"}') == 10 * BLOCK
     assert store.metric('llm_mesh_kvstore_requests_total{code="NOT_FOUND",method="CommitWrite"}') == 1
 
@@ -325,11 +326,13 @@ def test_kill_9_restart_serves_spilled_blocks_and_a_corrupt_file_is_a_miss(store
         assert c.stats().corrupt_blocks == 1
         assert c.lookup(MODEL, LAYOUT, hashes) == (30, 30)  # dropped from the store
         assert not path.exists()
-    until_sync(lambda: store.metric("llm_mesh_kvstore_corrupt_blocks_total") == 1, 3, "corrupt counted in /metrics")
+    until_sync(lambda: store.metric("llm_mesh_kvstore_corrupt_blocks_total") == 1, 3,
+               "corrupt counted in /metrics")
     # The restarted store announced what it recovered, and rewrote its chunk records.
     def recorded() -> list[int]:
         return [h for v in etcd_prefix(etcd, kvchunk_prefix(store.id)).values() for h in decode_chunk(v).block_hashes]
-    until_sync(lambda: recorded() == hashes[:30] + hashes[31:], 3, "the chunk record without the corrupt block")
+    until_sync(lambda: recorded() == hashes[:30] + hashes[31:], 3,
+               "the chunk record without the corrupt block")
 
 
 # ---------------------------------------------------------------- validation

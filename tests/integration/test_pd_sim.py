@@ -137,7 +137,8 @@ async def test_client_cancel_aborts_the_decode_leg(pd_mesh):
         for _ in range(5):
             await call.read()
         call.cancel()
-    after = await poll(lambda: load(addresses["decode"]), lambda lo: lo.running == 0, 10, "decode leg aborted")
+    after = await poll(lambda: load(addresses["decode"]), lambda lo: lo.running == 0, 10,
+                       "decode leg aborted")
     assert after.requests_aborted >= before.requests_aborted + 1
     await asyncio.sleep(1.0)  # an aborted request generates nothing more
     later = await load(addresses["decode"])

@@ -162,8 +162,8 @@ async def test_cancelled_stream_aborts_the_engine_request(sim_mesh, inference):
         assert during.running >= 1
         call.cancel()
         # the cancel crosses two processes: a loaded machine is slow
-        after = await poll(lambda: worker.GetLoad(worker_pb2.GetLoadRequest()), lambda lo: lo.running == 0, 10,
-                           "the worker's request aborted")
+        after = await poll(lambda: worker.GetLoad(worker_pb2.GetLoadRequest()),
+                           lambda lo: lo.running == 0, 10, "the worker's request aborted")
         await asyncio.sleep(0.5)
         later = await worker.GetLoad(worker_pb2.GetLoadRequest())
     assert after.running == 0
