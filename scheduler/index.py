@@ -320,12 +320,7 @@ class BlockIndex:
         old = self._old.get(model)
         if young is None and old is None:
             return {}
-        cached = self._gets.get(model)
-        if cached is None or cached[0] is not young or cached[1] is not old:
-            cached = (young, old, [d.get for d in young] if young is not None else _NO_GETS,
-                      [d.get for d in old] if old is not None else _NO_GETS)
-            self._gets[model] = cached
-        ygets, ogets = cached[2], cached[3]
+        ygets, ogets = self._getters(model, young, old)
         owner, worker_bits, worker_slots = self._owner, self._worker_bits, self._worker_slots
         alive = self._live  # slots of workers still matching
         prev = -1  # holders (masked by alive) of the previous block
@@ -387,6 +382,16 @@ class BlockIndex:
             self._promote(model, promote)
         return done
 
+    def _getters(self, model: str, young: list[dict[int, int]] | None, old: list[dict[int, int]] | None
+                 ) -> tuple[list, list]:
+        """The bound `.get` of each shard of the model's two generations (made once per turnover)."""
+        cached = self._gets.get(model)
+        if cached is None or cached[0] is not young or cached[1] is not old:
+            cached = (young, old, [d.get for d in young] if young is not None else _NO_GETS,
+                      [d.get for d in old] if old is not None else _NO_GETS)
+            self._gets[model] = cached
+        return cached[2], cached[3]
+
     def _holders(self, model: str, h: int) -> int:
         """The slot mask stored for one block (0 when unknown); no side effects."""
         k = h & SHARD_MASK
@@ -407,13 +412,7 @@ class BlockIndex:
         out: dict[str, PrefixMatch] = {}
         if not first:
             return out
-        gets = self._gets.get(model)
-        young, old = self._young.get(model), self._old.get(model)
-        if gets is None or gets[0] is not young or gets[1] is not old:
-            gets = (young, old, [d.get for d in young] if young is not None else _NO_GETS,
-                    [d.get for d in old] if old is not None else _NO_GETS)
-            self._gets[model] = gets
-        ygets, ogets = gets[2], gets[3]
+        ygets, ogets = self._getters(model, self._young.get(model), self._old.get(model))
         alive = first  # slots whose run is still going
         ends: list[tuple[int, int]] = []  # (block index where these slots' runs end, their bits)
         promote: list[int] = []
