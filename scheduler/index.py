@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class Tier(enum.IntEnum):
@@ -314,18 +314,20 @@ class BlockIndex:
 
     # ---- internals ----------------------------------------------------------------------
 
-    def _walk(self, model: str, hashes: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
-        """worker -> [(tier, run length), ...] along the request's leading blocks."""
-        young = self._young.get(model)
-        old = self._old.get(model)
+    def _scan(self, model: str, hashes: Sequence[int], alive: int, prev: int,
+              on_change: Callable[[int, int, int], int]) -> tuple[int, int]:
+        """The one loop over a request's blocks that both walks share.
+
+        Per block: its holders among `alive` (the slots whose runs go on), `s`. Where `s`
+        differs from `prev` (the last block's), `alive = on_change(i, prev, s)` and prev =
+        `s & alive`; the walk ends at the first block no slot of `alive` holds (unknown, or
+        every run over). Old-generation blocks a running slot holds are promoted (a use).
+        Returns (end: the index of the block after the runs, prev: the slots still running there).
+        """
+        young, old = self._young.get(model), self._old.get(model)
         if young is None and old is None:
-            return {}
+            return 0, prev
         ygets, ogets = self._getters(model, young, old)
-        owner, worker_bits, worker_slots = self._owner, self._worker_bits, self._worker_slots
-        alive = self._live  # slots of workers still matching
-        prev = -1  # holders (masked by alive) of the previous block
-        open_seg: dict[str, tuple[int, int]] = {}  # worker -> (tier, start) of its current run
-        done: dict[str, list[tuple[int, int]]] = {}
         promote: list[int] = []
         end = len(hashes)
         for i, h in enumerate(hashes):
@@ -343,6 +345,24 @@ class BlockIndex:
             if not s:
                 end = i
                 break
+            alive = on_change(i, prev, s)
+            prev = s & alive
+            if not prev:
+                end = i
+                break
+        if promote:
+            self._promote(model, promote)
+        return end, prev
+
+    def _walk(self, model: str, hashes: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
+        """worker -> [(tier, run length), ...] along the request's leading blocks."""
+        owner, worker_bits, worker_slots = self._owner, self._worker_bits, self._worker_slots
+        open_seg: dict[str, tuple[int, int]] = {}  # worker -> (tier, start) of its current run
+        done: dict[str, list[tuple[int, int]]] = {}
+        alive = self._live  # slots of workers still matching
+
+        def on_change(i: int, prev: int, s: int) -> int:
+            nonlocal alive
             # Who changed: a holder dropped out (its run ends here) or its best tier changed.
             changed = s if prev < 0 else prev ^ s
             seen: set[str] = set()
@@ -367,19 +387,16 @@ class BlockIndex:
                 elif seg[0] != tier:
                     done.setdefault(worker, []).append((seg[0], i - seg[1]))
                     open_seg[worker] = (tier, i)
-            if prev < 0:
+            if prev < 0:  # the first block: from now on, only the workers holding it
                 alive = 0
                 for worker in open_seg:
                     alive |= worker_bits[worker]
-            prev = s & alive
-            if not prev:
-                end = i
-                break
+            return alive
+
+        end, _ = self._scan(model, hashes, alive, -1, on_change)
         for worker, (tier, start) in open_seg.items():
             if end > start:
                 done.setdefault(worker, []).append((tier, end - start))
-        if promote:
-            self._promote(model, promote)
         return done
 
     def _getters(self, model: str, young: list[dict[int, int]] | None, old: list[dict[int, int]] | None
@@ -412,29 +429,15 @@ class BlockIndex:
         out: dict[str, PrefixMatch] = {}
         if not first:
             return out
-        ygets, ogets = self._getters(model, self._young.get(model), self._old.get(model))
-        alive = first  # slots whose run is still going
         ends: list[tuple[int, int]] = []  # (block index where these slots' runs end, their bits)
-        promote: list[int] = []
-        end = len(hashes)
-        for i, h in enumerate(hashes):
-            v = ygets[h & SHARD_MASK](h)
-            if v is None:
-                v = ogets[h & SHARD_MASK](h)
-                if v is None:
-                    end = i
-                    break
-                if v & alive:
-                    promote.append(h)
-            s = v & alive
-            if s != alive:
-                ends.append((i, alive ^ s))
-                alive = s
-                if not s:
-                    end = i
-                    break
-        if alive:
-            ends.append((end, alive))
+
+        def on_change(i: int, prev: int, s: int) -> int:
+            ends.append((i, prev ^ s))
+            return s
+
+        end, running = self._scan(model, hashes, first, first, on_change)
+        if running:
+            ends.append((end, running))
         owner = self._owner
         for n, bits in ends:
             while bits:
@@ -444,8 +447,6 @@ class BlockIndex:
                 by_tier = [0] * NUM_TIERS
                 by_tier[tier] = n
                 out[worker] = PrefixMatch(n, by_tier)
-        if promote:
-            self._promote(model, promote)
         return out
 
     def _promote(self, model: str, hashes: list[int]) -> None:
