@@ -37,6 +37,7 @@ Configuring vLLM to match (the worker's vllm_engine does this):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -72,7 +73,8 @@ def external_block_hash(block_hash: bytes) -> int:
 class BlockHasher:
     """Chained block hashes for one block size and seed.
 
-    `root` is vLLM's NONE_HASH: the parent of the first block.
+    `root` is vLLM's NONE_HASH: the parent of the first block. Immutable: share one per (block
+    size, seed) with `hasher_for`.
     """
 
     def __init__(self, block_size: int, seed: str = DEFAULT_SEED) -> None:
@@ -86,8 +88,9 @@ class BlockHasher:
         """The hash of one full block whose prefix ends in `parent` (None: the first block)."""
         if len(block_token_ids) != self.block_size:
             raise ValueError(f"a block has {self.block_size} tokens, got {len(block_token_ids)}")
-        # vLLM: `if not parent_block_hash: parent_block_hash = NONE_HASH`.
-        return sha256_cbor((parent or self.root, tuple(block_token_ids), None))
+        # vLLM: `if not parent_block_hash: parent_block_hash = NONE_HASH`. (A list encodes as the
+        # same CBOR array as vLLM's tuple: no copy.)
+        return sha256_cbor((parent or self.root, block_token_ids, None))
 
     def hash_blocks(self, token_ids: Sequence[int], parent: bytes | None = None) -> list[bytes]:
         """Hashes of every full block of `token_ids`, chained from `parent`.
@@ -96,9 +99,15 @@ class BlockHasher:
         `token_ids` starts the sequence), so hashing a sequence in pieces of
         whole blocks gives the same result as hashing it at once.
         """
-        bs = self.block_size
+        bs, root = self.block_size, self.root
         hashes: list[bytes] = []
         for start in range(0, len(token_ids) - bs + 1, bs):
-            parent = self.hash_block(parent, token_ids[start:start + bs])
+            parent = sha256_cbor((parent or root, token_ids[start:start + bs], None))  # = hash_block
             hashes.append(parent)
         return hashes
+
+
+@functools.lru_cache(maxsize=64)
+def hasher_for(block_size: int, seed: str = DEFAULT_SEED) -> BlockHasher:
+    """The shared BlockHasher of a block size and seed (its root is itself a hash to compute)."""
+    return BlockHasher(block_size, seed)

@@ -203,9 +203,9 @@ class RequestView:
     def from_tokens(cls, model: str, token_ids: Sequence[int], block_size: int, seed: str | None = None,
                     **kwargs: object) -> RequestView:
         """Hash `token_ids` exactly as vLLM does (scheduler.block_hash) and build the view."""
-        from scheduler.block_hash import DEFAULT_SEED, BlockHasher, external_block_hash
+        from scheduler.block_hash import DEFAULT_SEED, external_block_hash, hasher_for
 
-        hasher = BlockHasher(block_size, seed or DEFAULT_SEED)
+        hasher = hasher_for(block_size, seed or DEFAULT_SEED)
         hashes = [external_block_hash(h) for h in hasher.hash_blocks(token_ids)]
         return cls(model=model, prompt_tokens=len(token_ids), block_hashes=hashes, block_size=block_size,
                    **kwargs)  # type: ignore[arg-type]

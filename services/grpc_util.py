@@ -4,6 +4,7 @@ errors as status codes with google.rpc details, and stop-on-signal."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import signal
 import traceback
@@ -80,10 +81,27 @@ class InputGuard(grpc.aio.ServerInterceptor):
     message (bad wire format, invalid UTF-8 in a string) is INVALID_ARGUMENT (grpc.aio would
     answer UNKNOWN), and a failed call does not keep its request alive (see _unpin)."""
 
+    def __init__(self) -> None:
+        # method → (its handler, the guarded one): a registered method's handler is the same object
+        # on every call, so it is wrapped once (a new one, e.g. another interceptor's, is wrapped
+        # anew). Only methods that have a handler are kept: the set is the server's methods.
+        self._guarded: dict[str, tuple[Any, Any]] = {}
+
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
+        if handler is None:
+            return None
+        known = self._guarded.get(handler_call_details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guard(handler)
+        self._guarded[handler_call_details.method] = (handler, guarded)
+        return guarded
+
+    @staticmethod
+    def _guard(handler: Any) -> Any:
+        if handler.request_deserializer is None:
             return handler
         if handler.request_streaming and not handler.response_streaming:
             return handler  # (client-streaming uploads: KVStore.PutBlocks checks its own messages)
@@ -206,6 +224,20 @@ def run_service(main: Coroutine[Any, Any, None]) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
 
     asyncio.run(until_stopped())
+
+
+def settle_heap(young_threshold: int = 20_000) -> None:
+    """Call once a service has started. What startup allocated (modules, protobuf descriptors,
+    tokenizers, the engine) moves to the collector's permanent generation, so full collections
+    stop walking it, and the youngest generation is collected every `young_threshold` container
+    allocations instead of 700: a request path of asyncio tasks, futures and protobuf wrappers
+    allocates that many in a few requests, most dead by the next collection. On the scheduler
+    under `bench scheduler --only rps`, collections took 2.1% of its CPU while serving (157 young,
+    14 middle, 1 full in 10 s), 0.1% after. (vLLM's API server freezes its startup heap too.)"""
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(young_threshold, middle, oldest)
 
 
 def stop_event_on_signals() -> asyncio.Event:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -49,7 +48,7 @@ from services import tracing
 from services.grpc_util import RpcError, invalid
 from services.kv_events import KVEventSubscriber
 from services.metrics import SchedulerMetrics
-from services.requests import PreparedRequest, prepare
+from services.requests import IDS, PreparedRequest, prepare
 from services.router_stats import RequestRecord, RouterStats
 from services.tokenizer import ModelTokenizer
 from services.worker_pool import PooledWorker, WorkerPool
@@ -237,7 +236,7 @@ class Router:
         sampling.CopyFrom(prepared.sampling)
         sampling.max_tokens = prepared.sampling.max_tokens - len(sent)
         worker_request = worker_pb2.WorkerGenerateRequest(
-            request_id=f"{prepared.request_id}-{secrets.token_hex(4)}", prompt_token_ids=prompt,
+            request_id=IDS.attempt_id(prepared.request_id), prompt_token_ids=prompt,
             sampling=sampling, model=prepared.model)
         completed, call, decode = False, None, None
         try:

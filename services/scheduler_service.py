@@ -27,7 +27,7 @@ from scheduler.policies import POLICY_NAMES, policy_by_name
 from scheduler.profile import load_profile
 from scheduler.resilience import RetryPolicy
 from services import __version__, auth, security, tls, tracing
-from services.grpc_util import RpcError, abort, make_server, run_service, stop_event_on_signals
+from services.grpc_util import RpcError, abort, make_server, run_service, settle_heap, stop_event_on_signals
 from services.membership import DEFAULT_TTL_S, Registration, etcd_settings, parse_endpoints
 from services.metrics import watch_lease
 from services.openai_format import chat_chunks, chat_completion, completion, completion_chunks
@@ -275,6 +275,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     router.stats.scheduler_id = member.id
     planner.start()
+    settle_heap()
     try:
         async with Registration(endpoints, member, ttl=args.lease_ttl, etcd=etcd) as registration:
             watch_lease(router.metrics.registry, registration)

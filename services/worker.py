@@ -27,7 +27,7 @@ from google.protobuf import json_format
 from llm_mesh.v1 import membership_pb2, sampling_pb2, worker_pb2, worker_pb2_grpc
 from services import __version__, security, tls, worker_stream
 from services.engines.base import Engine, EngineInfo, EngineRequest, KVTransferParams, SamplingOptions
-from services.grpc_util import RpcError, abort, invalid, make_server, run_service, stop_event_on_signals
+from services.grpc_util import RpcError, abort, invalid, make_server, run_service, settle_heap, stop_event_on_signals
 from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, KVEventLog
 from services.readiness import Readiness
 from services.requests import check_sampling, show
@@ -364,6 +364,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         servicer.info = info = await engine.start()
         servicer.kv_log.block_size = info.block_size
+        settle_heap()
         member = membership_pb2.Member(
             id=member_id, kind=membership_pb2.MEMBER_KIND_WORKER, address=f"{args.host}:{port}",
             started_at=int(time.time()), version=__version__,
