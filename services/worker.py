@@ -28,7 +28,7 @@ from llm_mesh.v1 import membership_pb2, sampling_pb2, worker_pb2, worker_pb2_grp
 from services import __version__, security, tls, worker_stream
 from services.engines.base import Engine, EngineInfo, EngineRequest, KVTransferParams, SamplingOptions
 from services.grpc_util import RpcError, abort, invalid, make_server, run_service, settle_heap, stop_event_on_signals
-from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, KVEventLog
+from services.kv_event_log import DEFAULT_CAPACITY, DEFAULT_HEARTBEAT_S, DEFAULT_SEND_INTERVAL_S, KVEventLog
 from services.readiness import Readiness
 from services.requests import check_sampling, show
 from services.worker_metrics import WorkerMetrics
@@ -301,6 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "buffer then holds every prompt token)")
     parser.add_argument("--kv-events-heartbeat", type=float, default=DEFAULT_HEARTBEAT_S,
                         help="seconds between heartbeats on an idle KV event stream")
+    parser.add_argument("--kv-events-interval", type=float, default=DEFAULT_SEND_INTERVAL_S,
+                        help="at most one KV event message per subscriber per this many seconds while events keep "
+                             "coming (0: one per engine batch of events)")
     add_sim_arguments(parser)
     security.add_arguments(parser, api_keys=False)  # only the scheduler calls a worker: TLS/mTLS guards it
     parser.set_defaults(model_dir_default=default_model_dir)
@@ -346,7 +349,8 @@ async def serve(args: argparse.Namespace) -> None:
         args.kvstore = await discover_kvstore(args)
         log.info("KV offload to the store at %s (from etcd)", args.kvstore)
     engine = build_engine(args)
-    kv_log = KVEventLog(args.kv_events_buffer, keep_token_ids=args.kv_events_token_ids)
+    kv_log = KVEventLog(args.kv_events_buffer, keep_token_ids=args.kv_events_token_ids,
+                        send_interval_s=args.kv_events_interval)
     metrics = WorkerMetrics(kv_log) if args.metrics_port is not None else None
     if metrics is not None and args.engine != "vllm":  # vLLM registers its own vllm:* metrics
         engine = metrics.vllm_compatible(engine)

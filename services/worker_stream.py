@@ -23,6 +23,7 @@ them with UNAVAILABLE (the router's failover takes them elsewhere).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -167,21 +168,30 @@ class StreamCall:
     responses; a failure raises grpc.aio.AioRpcError (the code and message Generate would end
     with); `cancel()` aborts it on the worker (a no-op once it ended)."""
 
-    def __init__(self, stream: WorkerStream, request: worker_pb2.WorkerGenerateRequest,
-                 timeout: float | None) -> None:
+    def __init__(self, stream: WorkerStream, started: worker_pb2.StreamedRequest, timeout: float | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        """`started` holds the request (the caller fills in the rest): the StreamedRequest as it will
+        go out, kept for a fallback to a plain call."""
         self._stream = stream
-        self.request_id = request.request_id
-        self._queue: asyncio.Queue[worker_pb2.StreamedResponse | grpc.aio.AioRpcError] = asyncio.Queue()
+        self.started = started
+        self.request_id = started.request.request_id
+        # What the stream delivered, and the reader waiting for it: a deque and a bare future on the
+        # stream's loop, not an asyncio.Queue (a loop lookup and a waiter list on every request).
+        self._items: collections.deque[worker_pb2.StreamedResponse | grpc.aio.AioRpcError] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop = loop
         self._ended = self._cancelled = False
         self._fallback: grpc.aio.UnaryStreamCall | None = None  # the worker has no GenerateStream
         self._span = tracing.stream_client_span(GENERATE_METHOD, stream.target)
-        self.started = worker_pb2.StreamedRequest(request=request, trace_context=tracing.inject(self._span))
+        context = tracing.inject(self._span)
+        if context:
+            started.trace_context.update(context)
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         if timeout is not None:
-            self.started.timeout_ms = min(max(1, int(timeout * 1000)), 2**32 - 1)
+            started.timeout_ms = min(max(1, int(timeout * 1000)), 2**32 - 1)
             self._deadline = time.monotonic() + timeout
-            self._timer = asyncio.get_running_loop().call_later(max(0.0, timeout), self._expire)
+            self._timer = loop.call_later(max(0.0, timeout), self._expire)
 
     def __aiter__(self) -> StreamCall:
         return self
@@ -191,9 +201,15 @@ class StreamCall:
             return await self._fallback.__aiter__().__anext__()
         if self._cancelled:
             raise asyncio.CancelledError  # as a cancelled grpc.aio call
-        if self._ended and self._queue.empty():
-            raise StopAsyncIteration
-        item = await self._queue.get()
+        while not self._items:
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
         if isinstance(item, grpc.aio.AioRpcError):
             if item.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older worker: a plain call instead
                 self._stream.unary_only = True
@@ -228,7 +244,9 @@ class StreamCall:
 
     def _deliver(self, item: worker_pb2.StreamedResponse | grpc.aio.AioRpcError) -> None:
         if not self._ended:
-            self._queue.put_nowait(item)
+            self._items.append(item)
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
 
     def _end(self, code: grpc.StatusCode, message: str) -> None:
         if self._ended:
@@ -254,18 +272,23 @@ class WorkerStream:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._idle: asyncio.Event | None = None  # set when the last call ends (close waits for it)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one its calls run on (set by the first)
 
     def generate(self, request: worker_pb2.WorkerGenerateRequest, timeout: float | None = None
                  ) -> StreamCall | grpc.aio.UnaryStreamCall:
         if self.unary_only:
             return self.stub.Generate(request, timeout=timeout)
-        call = StreamCall(self, request, timeout)
-        if call.request_id in self._calls:  # the worker would refuse it; fail it here, alike
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        if request.request_id in self._calls:  # the worker would refuse it; fail it here, alike
+            call = StreamCall(self, worker_pb2.StreamedRequest(request=request), timeout, self._loop)
             call._deliver(_aio_error(grpc.StatusCode.INVALID_ARGUMENT,
                                      f"request {call.request_id!r} is already running on this stream"))
             return call
+        started = self._outgoing.start.add()  # built in the next message: one copy of the request
+        started.request.CopyFrom(request)
+        call = StreamCall(self, started, timeout, self._loop)
         self._calls[call.request_id] = call
-        self._outgoing.start.append(call.started)
         self._open()
         self._wake.set()
         return call

@@ -67,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("rps")
     g.add_argument("--sim-workers", type=int, default=2)
     g.add_argument("--clients", type=int, default=2, help="client processes")
-    g.add_argument("--concurrency", type=int, default=64, help="concurrent Generate streams per client process")
+    g.add_argument("--concurrency", type=int, default=32,
+                   help="concurrent Generate streams per client process. The default keeps the 2 x 32 in flight "
+                        "within the 2 sim workers' admission capacity (2 x ceil(32 x 1.5) = 96): past it the "
+                        "surplus is refused (RESOURCE_EXHAUSTED), which measures admission, not routing")
     g.add_argument("--duration", type=float, default=15.0, help="measured seconds (after --warmup)")
     g.add_argument("--warmup", type=float, default=2.0)
     g.add_argument("--prompt-tokens", type=int, default=256, help="token_ids per request")

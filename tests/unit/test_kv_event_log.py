@@ -14,7 +14,7 @@ from scheduler.block_hash import BlockHasher, external_block_hash
 from scheduler.index import BlockIndex, Tier
 from services.engines.base import AllBlocksCleared, BlockRemoved, BlockStored, EngineRequest, SamplingOptions
 from services.engines.sim_model import SimConfig, SimLatency, SimModel
-from services.kv_event_log import KVEventLog, tier_of_medium
+from services.kv_event_log import MAX_BATCH_EVENTS, KVEventLog, tier_of_medium
 from services.kv_events import KVEventSubscriber, OutOfSync, WorkerFeed
 
 
@@ -172,6 +172,36 @@ async def test_a_subscriber_too_far_behind_gets_a_snapshot_in_stream():
     assert not end.snapshot and end.seq == 22 and list(end.events[0].removed.block_hashes) == [3]
     log.close()
     assert await anext(stream, None) is None
+
+
+async def test_a_steady_flow_of_events_goes_out_once_per_interval_and_a_backlog_at_once():
+    loop, interval = asyncio.get_running_loop(), 0.5
+    log = KVEventLog(send_interval_s=interval)
+    stream = log.watch(worker_pb2.WatchKVEventsRequest(epoch=log.epoch, after_seq=0), heartbeat_s=10)
+    reading = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)  # the stream is idle, waiting for an event
+    t0 = loop.time()
+    log.append([stored([0])])
+    first = await reading
+    assert first.seq == 1 and loop.time() - t0 < interval / 2  # after a quiet spell: at once
+    for h in range(1, 6):  # more keep coming
+        log.append([stored([h])])
+    second = await anext(stream)
+    assert loop.time() - t0 >= interval  # waited out the interval since the first...
+    assert [e.stored.block_hashes[0] for e in second.events] == [1, 2, 3, 4, 5] and second.seq == 6  # ...with all
+    log.append([stored([h]) for h in range(6, 6 + MAX_BATCH_EVENTS + 10)])
+    full = await anext(stream)  # (after the interval since the second)
+    t1 = loop.time()
+    rest = await anext(stream)
+    assert len(full.events) == MAX_BATCH_EVENTS and len(rest.events) == 10
+    assert loop.time() - t1 < interval / 2  # a backlog: the next message without waiting
+    assert rest.seq == 6 + MAX_BATCH_EVENTS + 10
+    log.close()
+
+
+def test_send_interval_must_not_be_negative():
+    with pytest.raises(ValueError, match="send_interval_s"):
+        KVEventLog(send_interval_s=-1)
 
 
 def sim_requests(seed: int, n: int, block_size: int) -> list[EngineRequest]:
