@@ -6,7 +6,7 @@ import warnings
 from llm_mesh.v1 import kvstore_pb2 as llm__mesh_dot_v1_dot_kvstore__pb2
 from llm_mesh.v1 import worker_pb2 as llm__mesh_dot_v1_dot_worker__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
