@@ -62,7 +62,7 @@ class TTFTScorer:
         pending = w.pending_prefill
         if now is None or s is None or pending == 0:
             return None
-        v = dataclasses.replace(s)
+        v = _Steps(s.start, s.end, s.inflight, s.queued, s.queued_tokens)  # (dataclasses.replace: 5x slower)
         done = v.inflight + v.queued - pending  # ours that got their first token since
         if done > 0:
             v.inflight -= done
