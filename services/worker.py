@@ -342,6 +342,8 @@ async def discover_kvstore(args: argparse.Namespace, wait_s: float = 60.0) -> st
 
 
 async def serve(args: argparse.Namespace) -> None:
+    if args.kv_events_interval < 0:
+        raise SystemExit(f"--kv-events-interval must be >= 0 seconds, got {args.kv_events_interval}")
     if args.engine != "vllm" and args.kv_offload != "none":
         # The sim engine's store lives in the simulator (`bench routing --kvstore-blocks`).
         raise SystemExit(f"--kv-offload {args.kv_offload} is for the vllm engine, not {args.engine}")

@@ -249,3 +249,13 @@ async def test_zmq_reader_fills_gaps_from_vllm_replay_and_clears_what_it_cannot(
     assert reader.lost == 4
     assert isinstance(received[0], AllBlocksCleared)
     assert [e.block_hashes for e in received[1:]] == [(h,) for h in range(4, 9)]
+
+
+def test_a_worker_refuses_a_negative_kv_event_interval():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--engine", "sim",
+                           "--kv-events-interval", "-1", "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--kv-events-interval must be >= 0 seconds, got -1.0" in done.stderr
