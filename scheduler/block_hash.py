@@ -88,9 +88,7 @@ class BlockHasher:
         """The hash of one full block whose prefix ends in `parent` (None: the first block)."""
         if len(block_token_ids) != self.block_size:
             raise ValueError(f"a block has {self.block_size} tokens, got {len(block_token_ids)}")
-        # vLLM: `if not parent_block_hash: parent_block_hash = NONE_HASH`. (A list encodes as the
-        # same CBOR array as vLLM's tuple: no copy.)
-        return sha256_cbor((parent or self.root, block_token_ids, None))
+        return self.hash_blocks(block_token_ids, parent)[0]
 
     def hash_blocks(self, token_ids: Sequence[int], parent: bytes | None = None) -> list[bytes]:
         """Hashes of every full block of `token_ids`, chained from `parent`.
@@ -102,7 +100,9 @@ class BlockHasher:
         bs, root = self.block_size, self.root
         hashes: list[bytes] = []
         for start in range(0, len(token_ids) - bs + 1, bs):
-            parent = sha256_cbor((parent or root, token_ids[start:start + bs], None))  # = hash_block
+            # vLLM: `if not parent_block_hash: parent_block_hash = NONE_HASH`. (A list slice encodes
+            # as the same CBOR array as vLLM's tuple: no copy.)
+            parent = sha256_cbor((parent or root, token_ids[start:start + bs], None))
             hashes.append(parent)
         return hashes
 

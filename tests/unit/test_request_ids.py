@@ -21,7 +21,7 @@ def test_attempt_ids_differ_per_try_and_name_their_request() -> None:
     assert all(t.startswith("client-id-") for t in tries)
 
 
-def test_two_processes_draw_different_prefixes() -> None:
+def test_two_generators_draw_different_prefixes() -> None:
     a, b = _Ids(), _Ids()
     assert a.request_id()[:16] != b.request_id()[:16]
 
