@@ -9,14 +9,18 @@ Each call of `policy_by_name` returns a fresh policy with its own state.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
 
 from scheduler.filters import DEFAULT_FILTERS, FILTERS
 from scheduler.framework import (
     Decision, Filter, Policy, RequestView, WorkerState, minmax_lower_better, start_decision, store_continuations, with_store,
 )
 from scheduler.index import NUM_TIERS, BlockIndex, PrefixMatch
-from scheduler.profile import load_profile
+from scheduler.profile import PROFILES_DIR, load_profile
 
 DEFAULT_POLICY = "ours"
 
@@ -141,6 +145,12 @@ class MooncakeConductor:
                  transfer_tokens_per_s: float = 50_000.0, prefill_tokens_per_s: float = 10_000.0,
                  step_overhead_s: float = 0.002, default_request_tokens: int = 1024,
                  filters: Sequence[Filter] | None = None) -> None:
+        if transfer_tokens_per_s <= 0 or prefill_tokens_per_s <= 0:
+            raise ValueError("transfer_tokens_per_s and prefill_tokens_per_s must be positive")
+        if step_overhead_s < 0 or default_request_tokens < 0:
+            raise ValueError("step_overhead_s and default_request_tokens must be >= 0")
+        if ttft_slo_s is not None and ttft_slo_s <= 0:
+            raise ValueError(f"ttft_slo_s must be positive (or null: no rejection), got {ttft_slo_s}")
         self.ttft_slo_s = ttft_slo_s
         self.threshold = kvcache_balancing_threshold
         self.transfer_speed = transfer_tokens_per_s
@@ -206,8 +216,24 @@ def _empty_match() -> PrefixMatch:
 
 _PROFILE_POLICIES = {"ours": "default", "random": "random", "round-robin": "round-robin",
                      "least-loaded": "least-loaded", "llm-d": "llm-d", "dynamo": "dynamo"}
-_CLASS_POLICIES: dict[str, Callable[[], Policy]] = {"sglang": SGLangCacheAware, "mooncake": MooncakeConductor}
-POLICY_NAMES = tuple(_PROFILE_POLICIES) + tuple(_CLASS_POLICIES)
+# Rule-based peers; a profile names one with `rule:` (scheduler/profile.py).
+RULE_POLICIES: dict[str, Callable[..., Policy]] = {"sglang": SGLangCacheAware, "mooncake": MooncakeConductor}
+POLICY_NAMES = tuple(_PROFILE_POLICIES) + tuple(RULE_POLICIES)
+
+
+def policy_spec(name: str) -> dict[str, Any]:
+    """A named policy as a profile mapping, from which load_profile builds the same policy: the
+    shipped YAML, or `rule:` with the rule's constructor defaults as its params. (The live bench
+    rescales its times: services/bench/live.py.)"""
+    if name in _PROFILE_POLICIES:
+        spec = yaml.safe_load((PROFILES_DIR / f"{_PROFILE_POLICIES[name]}.yaml").read_text())
+        return {**spec, "name": name}
+    if name in RULE_POLICIES:
+        signature = inspect.signature(RULE_POLICIES[name])
+        params = {k: p.default for k, p in signature.parameters.items()
+                  if k != "filters" and p.default is not inspect.Parameter.empty}
+        return {"name": name, "rule": name, "params": params}
+    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
 
 
 def policy_by_name(name: str, seed: int | None = None) -> Policy:
@@ -222,6 +248,6 @@ def policy_by_name(name: str, seed: int | None = None) -> Policy:
         if rng is not None and seed is not None:
             rng.seed(seed)
         return policy
-    if name in _CLASS_POLICIES:
-        return _CLASS_POLICIES[name]()
+    if name in RULE_POLICIES:
+        return RULE_POLICIES[name]()
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")

@@ -10,6 +10,13 @@
     disaggregation: {remote_prefill_min_tokens: 64, max_prefill_queue: 8}   # optional: P/D thresholds
     planner: {ttft_p90_s: 2.0, itl_p90_s: 0.05}   # optional: scaling planner (scheduler/PLANNER.md)
 
+A rule-based peer (scheduler/policies.py: sglang, mooncake), whose rule is not a weighted sum,
+is named by `rule:` with its constructor's params instead of filters/scorers/picker:
+
+    name: mooncake
+    rule: mooncake
+    params: {step_overhead_s: 0.002, prefill_tokens_per_s: 10000}
+
 `filters` defaults to [model, routable, role]; `picker` to max-score. A weight
 is a finite number >= 0 (0 disables a scorer). Names and params are checked
 at load time; any mistake raises ProfileError naming the bad entry.
@@ -28,24 +35,27 @@ import yaml
 from scheduler.disagg import DisaggConfig
 from scheduler.filters import DEFAULT_FILTERS, FILTERS
 from scheduler.planner import PlannerConfig
-from scheduler.framework import ProfilePolicy
+from scheduler.framework import Policy, ProfilePolicy
 from scheduler.pickers import PICKERS
 from scheduler.scorers import SCORERS
 from scheduler.speculative import SpeculativePrefixes
 
 PROFILES_DIR = pathlib.Path(__file__).with_name("profiles")
 _KEYS = {"name", "description", "filters", "scorers", "picker", "speculative", "disaggregation", "planner"}
+_RULE_KEYS = {"name", "description", "rule", "params"}
 
 
 class ProfileError(ValueError):
     """A profile that can't be loaded; the message says which entry and why."""
 
 
-def load_profile(source: str | pathlib.Path | Mapping[str, Any]) -> ProfilePolicy:
+def load_profile(source: str | pathlib.Path | Mapping[str, Any]) -> Policy:
     """A policy from a profile: a mapping, a YAML file, or a shipped one's name (profiles/<name>.yaml)."""
     spec, where = _read(source)
     if not isinstance(spec, Mapping):
         raise ProfileError(f"{where}: a profile is a mapping, got {type(spec).__name__}")
+    if "rule" in spec:
+        return _rule_policy(spec, where)
     unknown = set(spec) - _KEYS
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_KEYS)}")
@@ -75,6 +85,33 @@ def load_profile(source: str | pathlib.Path | Mapping[str, Any]) -> ProfilePolic
     policy = ProfilePolicy(name, filters, scorers, picker, overlay)
     policy.disagg = _config_section(DisaggConfig, spec, "disaggregation", where)
     policy.planner = _config_section(PlannerConfig, spec, "planner", where)
+    return policy
+
+
+def _rule_policy(spec: Mapping[str, Any], where: str) -> Policy:
+    """A rule-based peer from `rule:` and its constructor's `params:`."""
+    from scheduler.policies import RULE_POLICIES  # policies.py imports this module
+
+    unknown = set(spec) - _RULE_KEYS
+    if unknown:
+        raise ProfileError(f"{where}: unknown key(s) {sorted(unknown)} beside rule; allowed: {sorted(_RULE_KEYS)}")
+    rule = spec["rule"]
+    cls = RULE_POLICIES.get(rule) if isinstance(rule, str) else None
+    if cls is None:
+        raise ProfileError(f"{where}: unknown rule {rule!r}; known: {', '.join(sorted(RULE_POLICIES))}")
+    params = spec.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ProfileError(f"{where}: rule {rule!r}: params must be a mapping, got {params!r}")
+    if "filters" in params:  # names or {name, params}, as in a weighted profile
+        filters = params["filters"]
+        if not isinstance(filters, list):
+            raise ProfileError(f"{where}: rule {rule!r}: filters must be a list")
+        params = {**params, "filters": [_build(FILTERS, "filter", entry, where) for entry in filters]}
+    try:
+        policy = cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ProfileError(f"{where}: rule {rule!r}: bad params {dict(params)}: {exc}") from None
+    policy.name = str(spec.get("name") or rule)
     return policy
 
 

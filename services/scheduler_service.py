@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -24,7 +25,7 @@ from scheduler.admission import AdmissionConfig
 from scheduler.framework import Role
 from scheduler.planner import PlannerConfig
 from scheduler.policies import POLICY_NAMES, policy_by_name
-from scheduler.profile import load_profile
+from scheduler.profile import ProfileError, load_profile
 from scheduler.resilience import RetryPolicy
 from services import __version__, auth, security, tls, tracing
 from services.grpc_util import RpcError, abort, make_server, run_service, settle_heap, stop_event_on_signals
@@ -36,7 +37,7 @@ from services.readiness import Readiness
 from services.requests import DEFAULT_COMPLETION_MAX_TOKENS, PreparedRequest, from_chat, from_completion
 from services.router import DEFAULT_PREFILL_TIMEOUT_S, Router
 from services.tokenizer import ModelTokenizer
-from services.worker_pool import WorkerPool
+from services.worker_pool import DEFAULT_POLL_INTERVAL_S, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     parser.add_argument("--planner-window", type=float, default=DEFAULT_PLANNER_WINDOW_S,
                         help="seconds of load per scaling-plan decision (scheduler/PLANNER.md)")
+    parser.add_argument("--load-poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S,
+                        help="seconds between polls of each worker's load (GetLoad: waiting, running, KV usage)")
     parser.add_argument("--prefill-timeout", type=float, default=DEFAULT_PREFILL_TIMEOUT_S,
                         help="seconds a remote prefill may take before the decode worker prefills instead")
     parser.add_argument("--max-attempts", type=int, default=RetryPolicy.max_attempts,
@@ -249,8 +252,14 @@ async def serve(args: argparse.Namespace) -> None:
     tokenizers = {name: ModelTokenizer(path) for name, path in parse_models(args.model).items()}
     endpoints = parse_endpoints(args.etcd)
     tls_files, etcd = tls.from_args(args), etcd_settings(args)
-    pool = WorkerPool(endpoints, etcd=etcd, tls=tls_files, use_stream=not args.no_worker_stream)
-    policy = load_profile(args.profile) if args.profile else policy_by_name(args.policy)
+    if not (0 < args.load_poll_interval < math.inf):
+        raise SystemExit(f"--load-poll-interval must be > 0 seconds, got {args.load_poll_interval}")
+    pool = WorkerPool(endpoints, args.load_poll_interval, etcd=etcd, tls=tls_files,
+                      use_stream=not args.no_worker_stream)
+    try:
+        policy = load_profile(args.profile) if args.profile else policy_by_name(args.policy)
+    except ProfileError as exc:
+        raise SystemExit(f"--profile: {exc}") from None
     router = Router(pool, tokenizers, policy, prefill_timeout_s=args.prefill_timeout,
                     retry=RetryPolicy(max_attempts=args.max_attempts),
                     admission=AdmissionConfig(queue_factor=args.admission_queue_factor, enabled=not args.no_admission))
@@ -281,8 +290,8 @@ async def serve(args: argparse.Namespace) -> None:
             watch_lease(router.metrics.registry, registration)
             readiness.ready_when(lambda: registration.ever_registered and ready_to_route(pool))
             # No wait for the lease here: SIGTERM must work even while etcd is unreachable.
-            log.info("scheduler %s at %s:%d (pid %d); ready once registered with a routable worker", member.id,
-                     args.host, port, os.getpid())
+            log.info("scheduler %s at %s:%d (pid %d), policy %s; ready once registered with a routable worker",
+                     member.id, args.host, port, os.getpid(), policy.name)
             await stop.wait()
             await readiness.drain()
         await server.stop(grace=5)

@@ -58,8 +58,11 @@ class PooledWorker:
         await self.channel.close(grace=grace)
 
 
+DEFAULT_POLL_INTERVAL_S = 1.0  # seconds between GetLoad polls of each worker (scheduler --load-poll-interval)
+
+
 class WorkerPool:
-    def __init__(self, etcd_endpoints: Sequence[str], poll_interval_s: float = 1.0, *,
+    def __init__(self, etcd_endpoints: Sequence[str], poll_interval_s: float = DEFAULT_POLL_INTERVAL_S, *,
                  etcd: EtcdSettings | None = None, tls: TlsFiles | None = None, use_stream: bool = True) -> None:
         self.workers: dict[str, PooledWorker] = {}
         self.tls = tls  # client side of the links to workers (services/tls.py)
@@ -133,7 +136,8 @@ class WorkerPool:
 
     async def _poll(self, worker: PooledWorker) -> None:
         try:
-            load = await worker.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=self.poll_interval_s)
+            # At least a second: a short interval must not turn a busy worker's slow answer into no answer.
+            load = await worker.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=max(1.0, self.poll_interval_s))
         except grpc.aio.AioRpcError:
             return  # membership decides liveness; a missed poll keeps the last load
         worker.load = load

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+import yaml
+
 from services import cli
 
 
@@ -37,5 +39,10 @@ def test_live_shared_prefix_report(tmp_path: pathlib.Path, model_dir, capsys) ->
     # A scheduler per policy really ran, and each routed over both workers.
     assert sorted(f.name for f in logs.glob("*-scheduler.log")) == ["ours-scheduler.log", "random-scheduler.log"]
     assert len(list(logs.glob("ours-worker-*.log"))) == 2
+    # Each scheduler ran its policy's profile with the constants of the 2x faster cluster.
+    profile = yaml.safe_load((logs / "ours-profile.yaml").read_text())
+    assert profile["scorers"][0]["params"]["step_overhead_s"] == 0.001
+    assert "policy ours;" in (logs / "ours-scheduler.log").read_text()
+    assert "policy random;" in (logs / "random-scheduler.log").read_text()
     assert (out / "ttft_cdf.png").exists()
     assert "live:" in capsys.readouterr().out

@@ -241,3 +241,21 @@ async def test_metrics_scrape_shows_routing_and_cache_hits(sim_mesh, inference):
     assert 0 < samples[("llm_mesh_prefix_cache_hit_ratio", ())] <= 1
     assert samples[("llm_mesh_routing_decision_seconds_count", (("policy", "ours"),))] >= 2
     assert any(name == "llm_mesh_routing_stage_seconds_count" for name, _ in samples)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--load-poll-interval", "0"], "--load-poll-interval must be > 0 seconds, got 0.0"),
+    (["--load-poll-interval", "inf"], "--load-poll-interval must be > 0 seconds, got inf"),
+    (["--profile", "/nonexistent/ours.yaml"], "--profile: can't read profile /nonexistent/ours.yaml"),
+    (["--profile", "fastest"], "--profile: no profile 'fastest'"),
+])
+def test_bad_scheduler_flags_are_refused_at_startup(flags, message):
+    import subprocess
+    import sys
+
+    from services.procs import free_port
+
+    done = subprocess.run([sys.executable, "-m", "services.cli", "scheduler", "--port", str(free_port()), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and message in done.stderr
+    assert "Traceback" not in done.stderr

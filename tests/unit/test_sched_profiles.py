@@ -71,6 +71,14 @@ def test_from_a_dict_and_from_a_file(tmp_path):
     ({"scorer": []}, "unknown key(s) ['scorer']"),
     ({"speculative": {"ttl": 5}}, "speculative"),
     ([1, 2], "a profile is a mapping"),
+    ({"rule": "sglang-ish"}, "unknown rule 'sglang-ish'; known: mooncake, sglang"),
+    ({"rule": "sglang", "scorers": []}, "unknown key(s) ['scorers'] beside rule"),
+    ({"rule": "sglang", "params": {"threshold": 0.5}}, "rule 'sglang': bad params"),
+    ({"rule": "sglang", "params": [0.5]}, "params must be a mapping"),
+    ({"rule": "sglang", "params": {"filters": "model"}}, "filters must be a list"),
+    ({"rule": "sglang", "params": {"filters": ["gpu"]}}, "unknown filter 'gpu'"),
+    ({"rule": "mooncake", "params": {"step_overhead_s": -0.001}}, "step_overhead_s and default_request_tokens"),
+    ({"rule": "mooncake", "params": {"prefill_tokens_per_s": 0}}, "must be positive"),
 ])
 def test_mistakes_are_reported_clearly(spec, message):
     with pytest.raises(ProfileError) as err:
@@ -85,3 +93,23 @@ def test_unknown_profile_name_and_bad_yaml(tmp_path):
     bad.write_text("scorers: [\n")
     with pytest.raises(ProfileError, match="not valid YAML"):
         load_profile(bad)
+
+
+def test_a_rule_based_peer_from_a_profile():
+    from scheduler.policies import MooncakeConductor, SGLangCacheAware, policy_by_name, policy_spec
+
+    p = load_profile({"name": "mooncake-fast", "rule": "mooncake",
+                      "params": {"step_overhead_s": 0.0005, "prefill_tokens_per_s": 40000}})
+    assert isinstance(p, MooncakeConductor) and p.name == "mooncake-fast"
+    assert (p.overhead, p.speed, p.transfer_speed) == (0.0005, 40000, 50_000.0)  # the rest: defaults
+    s = load_profile({"rule": "sglang", "params": {"filters": ["model"], "cache_threshold": 0.5}})
+    assert isinstance(s, SGLangCacheAware) and s.name == "sglang" and s.cache_threshold == 0.5
+    assert [f.name for f in s.filters] == ["model"]
+    # policy_spec gives back each named policy as a profile that builds the same thing.
+    for name in ("ours", "llm-d", "sglang", "mooncake"):
+        spec = policy_spec(name)
+        assert spec["name"] == name
+        assert type(load_profile(spec)) is type(policy_by_name(name))
+    assert policy_spec("mooncake")["params"]["step_overhead_s"] == 0.002
+    with pytest.raises(ValueError, match="unknown policy 'fastest'"):
+        policy_spec("fastest")
