@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import secrets
 import time
@@ -341,9 +342,32 @@ async def discover_kvstore(args: argparse.Namespace, wait_s: float = 60.0) -> st
         await asyncio.sleep(1.0)
 
 
+# Numeric flags and their lower bounds: (flag, minimum, the minimum itself allowed). Checked at startup
+# so a bad value ends the worker with a message instead of a traceback (or, for the sim latencies,
+# instead of a worker that runs with a negative clock).
+_BOUNDS = (("lease_ttl", 1, True), ("drain_seconds", 0.0, True), ("max_model_len", 1, True), ("max_num_seqs", 1, True), ("block_size", 1, True),
+           ("kv_cache_gib", 1, True), ("kv_lease_s", 1, True), ("kv_blocks", 1, True),
+           ("kv_events_buffer", 1, True), ("kv_events_heartbeat", 0.0, False), ("kv_events_interval", 0.0, True),
+           ("sim_prefill_per_token", 0.0, True), ("sim_step_overhead", 0.0, True), ("sim_itl", 0.0, True),
+           ("sim_batch_slowdown", 0.0, True), ("sim_num_blocks", 1, True), ("sim_max_prefill_tokens", 1, True),
+           ("sim_eos_probability", 0.0, True))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """SystemExit naming the first numeric flag out of its range (None: not given, its default)."""
+    for name, low, inclusive in _BOUNDS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise SystemExit(f"{flag} must be {'>=' if inclusive else '>'} {low}, got {value}")
+    if getattr(args, "sim_eos_probability", 0.0) > 1:
+        raise SystemExit(f"--sim-eos-probability must be <= 1, got {args.sim_eos_probability}")
+
+
 async def serve(args: argparse.Namespace) -> None:
-    if args.kv_events_interval < 0:
-        raise SystemExit(f"--kv-events-interval must be >= 0 seconds, got {args.kv_events_interval}")
+    check_args(args)
     if args.engine != "vllm" and args.kv_offload != "none":
         # The sim engine's store lives in the simulator (`bench routing --kvstore-blocks`).
         raise SystemExit(f"--kv-offload {args.kv_offload} is for the vllm engine, not {args.engine}")

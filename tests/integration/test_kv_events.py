@@ -258,4 +258,4 @@ def test_a_worker_refuses_a_negative_kv_event_interval():
     done = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--engine", "sim",
                            "--kv-events-interval", "-1", "--port", str(free_port())],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0 and "--kv-events-interval must be >= 0 seconds, got -1.0" in done.stderr
+    assert done.returncode != 0 and "--kv-events-interval must be >= 0.0, got -1.0" in done.stderr
