@@ -94,10 +94,18 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def profile_spec(source: str) -> dict[str, Any]:
+    """The profile mapping of a --policies source: a built-in policy's name, or a profile file."""
+    if source.endswith((".yaml", ".yml")):
+        return yaml.safe_load(pathlib.Path(source).read_text())
+    return policy_spec(source)
+
+
 @contextlib.contextmanager
-def live_mesh(etcd: str, policy: str, spec: ClusterSpec, speedup: float, log_dir: pathlib.Path
-              ) -> Iterator[str]:
-    """Sim workers and a scheduler running `policy`; yields the scheduler's address. Stops them by pid."""
+def live_mesh(etcd: str, policy: str, profile: Mapping[str, Any], spec: ClusterSpec, speedup: float,
+              log_dir: pathlib.Path) -> Iterator[str]:
+    """Sim workers and a scheduler running `profile` (reported as `policy`); yields the scheduler's
+    address. Stops them by pid."""
     children: list[Child] = []
     try:
         addresses = []
@@ -111,11 +119,11 @@ def live_mesh(etcd: str, policy: str, spec: ClusterSpec, speedup: float, log_dir
         for child, address in zip(children, addresses):
             child.wait_ready(lambda a=address: grpc_serving(a), READY_TIMEOUT_S)
         port = free_port()
-        profile = log_dir / f"{policy}-profile.yaml"  # its constants for the compressed cluster
+        compressed = log_dir / f"{policy}-profile.yaml"  # its constants for the compressed cluster
         log_dir.mkdir(parents=True, exist_ok=True)
-        profile.write_text(yaml.safe_dump(compress_time(policy_spec(policy), speedup), sort_keys=False))
+        compressed.write_text(yaml.safe_dump(compress_time(profile, speedup), sort_keys=False))
         scheduler = Child.llm_mesh(f"{policy}-scheduler", ["scheduler", "--port", str(port), "--etcd", etcd,
-                                                           "--profile", str(profile),
+                                                           "--profile", str(compressed),
                                                            "--load-poll-interval", repr(DEFAULT_POLL_INTERVAL_S / speedup)],
                                    log_dir)
         scheduler.start()
@@ -205,7 +213,7 @@ async def replay(address: str, requests: list[WorkloadRequest], prompts: list[li
     return results, duration, failures, gaps
 
 
-def run_live(requests: list[WorkloadRequest], policies: list[str], spec: ClusterSpec, *, slo_ttft_s: float,
+def run_live(requests: list[WorkloadRequest], policies: dict[str, str], spec: ClusterSpec, *, slo_ttft_s: float,
              options: LiveOptions, model: str, progress: Callable[[str], None] = print) -> dict[str, dict]:
     """Each policy on its own fresh live mesh, the same requests; summaries as in sim mode."""
     prompts = [prompt_tokens(r) for r in requests]
@@ -215,9 +223,10 @@ def run_live(requests: list[WorkloadRequest], policies: list[str], spec: Cluster
         etcd_server = EtcdServer(pathlib.Path(tmp) / "etcd", free_port(), free_port(), log_path=log_dir / "etcd.log")
         etcd_server.start()
         try:
-            for name in policies:
+            for name, source in policies.items():
                 t0 = time.perf_counter()
-                with live_mesh(etcd_server.endpoint, name, spec, options.speedup, log_dir) as address:
+                with live_mesh(etcd_server.endpoint, name, profile_spec(source), spec, options.speedup,
+                               log_dir) as address:
                     asyncio.run(wait_for_workers(address, spec.workers))
                     started = time.perf_counter()
                     results, duration, failures, gaps = asyncio.run(

@@ -116,7 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="engines write evicted blocks (default) or every computed block to the store")
     k.add_argument("--kvstore-gbps", type=float, default=80.0, help="each engine's link to the store, Gb/s")
     k.add_argument("--kvstore-latency-ms", type=float, default=1.0, help="fixed cost of one store load")
-    parser.add_argument("--policies", default=",".join(ALL_POLICIES), help="comma-separated")
+    parser.add_argument("--policies", default=",".join(ALL_POLICIES),
+                        help="comma-separated names, or profile files (*.yaml: your own, reported beside them; "
+                             "the verdict compares ours with the named peers only)")
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")
     parser.add_argument("--seed", type=int, default=0, help="workload and policy randomness")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/routing"))
@@ -235,15 +237,46 @@ def build_workload(args: argparse.Namespace) -> tuple[list[WorkloadRequest], dic
 # ---- running ----------------------------------------------------------------------------------
 
 
-def run_policies(requests: list[WorkloadRequest], policies: list[str], spec: ClusterSpec, *,
-                 slo_ttft_s: float, seed: int, progress=print) -> dict[str, dict]:
-    """Simulate each policy on the same requests; one shared hasher (block hashes memoized once)."""
-    from scheduler.policies import policy_by_name
+def policy_sources(entries: list[str]) -> dict[str, str]:
+    """--policies entries by report name: a built-in name is its own source; a profile file (*.yaml)
+    is reported under its profile's name. ValueError says what is wrong with an entry."""
+    from scheduler.profile import ProfileError, load_profile
 
+    out: dict[str, str] = {}
+    for entry in entries:
+        if entry.endswith((".yaml", ".yml")):
+            try:
+                name = load_profile(entry).name
+            except ProfileError as exc:
+                raise ValueError(str(exc)) from None
+            if name in ALL_POLICIES:
+                raise ValueError(f"{entry}: its name {name!r} is a built-in policy's; give it its own")
+        elif entry in ALL_POLICIES:
+            name = entry
+        else:
+            raise ValueError(f"unknown policy {entry!r}; known: {', '.join(ALL_POLICIES)}, or a profile *.yaml")
+        if name in out:
+            raise ValueError(f"policy {name!r} is given twice")
+        out[name] = entry
+    return out
+
+
+def make_policy(source: str, seed: int):  # noqa: ANN201 - a scheduler Policy
+    """A fresh policy from a --policies source (a built-in name or a profile file)."""
+    from scheduler.policies import policy_by_name
+    from scheduler.profile import load_profile
+
+    return policy_by_name(source, seed=seed) if source in ALL_POLICIES else load_profile(source)
+
+
+def run_policies(requests: list[WorkloadRequest], policies: dict[str, str], spec: ClusterSpec, *,
+                 slo_ttft_s: float, seed: int, progress=print) -> dict[str, dict]:
+    """Simulate each policy (report name → source) on the same requests; one shared hasher (block
+    hashes memoized once)."""
     hasher = _Hasher(spec.block_size, CHUNK_TOKENS)
     out: dict[str, dict] = {}
-    for name in policies:
-        policy = policy_by_name(name, seed=seed)
+    for name, source in policies.items():
+        policy = make_policy(source, seed)
         t0 = time.perf_counter()
         summary = simulate(requests, policy, spec, slo_ttft_s=slo_ttft_s, hasher=hasher)
         summary["wall_s"] = time.perf_counter() - t0
@@ -306,7 +339,7 @@ def verdict(results: dict[str, dict], slo_ttft_s: float) -> dict:
         v["round_robin_slo_attainment"] = rr["slo_attainment"]
         # "Misses the SLO": fewer than 90% of its requests get their first token within it.
         v["round_robin_misses_slo"] = rr["ttft_p90_s"] > slo_ttft_s
-    peers = {k: s for k, s in results.items() if k != OURS}
+    peers = {k: s for k, s in results.items() if k != OURS and k in ALL_POLICIES}
     if OURS not in results or not peers:
         v["met"] = None
         v["summary"] = "no comparison: needs 'ours' and at least one peer policy"
@@ -399,10 +432,13 @@ def plot_cdf(results: dict[str, dict], path: pathlib.Path, slo_ttft_s: float, ti
 
 
 def run(args: argparse.Namespace) -> int:
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in ALL_POLICIES]
-    if unknown or not policies:
-        print(f"unknown policies {unknown}; known: {', '.join(ALL_POLICIES)}")
+    try:
+        policies = policy_sources([p.strip() for p in args.policies.split(",") if p.strip()])
+    except ValueError as exc:
+        print(f"--policies: {exc}")
+        return 2
+    if not policies:
+        print(f"--policies: none given; known: {', '.join(ALL_POLICIES)}")
         return 2
     latency, latency_desc = resolve_latency(args)
     spec = build_spec(args, latency)

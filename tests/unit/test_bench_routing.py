@@ -145,3 +145,38 @@ def test_kvstore_comparison_at_the_same_engine_memory(tmp_path: pathlib.Path, ca
 def test_kvstore_needs_the_simulated_aggregated_mode(tmp_path: pathlib.Path) -> None:
     assert _bench(["--workload", "shared-prefix", "--requests", "5", "--prefill-workers", "1",
                    "--kvstore-blocks", "64", "--no-plot", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.skipif(not TRACE.exists(), reason=f"no trace at {TRACE}")
+def test_a_profile_file_runs_beside_the_policies_outside_the_verdict(tmp_path: pathlib.Path) -> None:
+    import yaml
+
+    from scheduler.policies import policy_spec
+
+    # ours as a file under its own name: the same decisions, so the same numbers as ours.
+    mine = policy_spec("ours") | {"name": "mine"}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
+    out = tmp_path / "r"
+    assert _bench(["--workload", "trace", "--limit", "60", "--time-scale", "4", "--workers", "4", "--no-plot",
+                   "--policies", f"ours,round-robin,{tmp_path / 'mine.yaml'}", "--out", str(out)]) == 0
+    report = json.loads((out / "routing.json").read_text())
+    p = report["policies"]
+    assert set(p) == {"ours", "round-robin", "mine"}
+    for key in ("ttft_p90_s", "hit_rate", "e2e_mean_s"):
+        assert p["mine"][key] == p["ours"][key], key
+    assert report["verdict"]["best_peer_p90"] == "round-robin"  # a file is never the peer compared with
+
+
+def test_policy_entries_are_checked(tmp_path: pathlib.Path) -> None:
+    clash = tmp_path / "clash.yaml"
+    clash.write_text("name: llm-d\nscorers: [{name: queue}]\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scorers: [{name: nope}]\n")
+    assert routing.policy_sources(["ours", "sglang"]) == {"ours": "ours", "sglang": "sglang"}
+    for entries, message in [(["ours", "bogus"], "unknown policy 'bogus'"), (["ours", "ours"], "given twice"),
+                             ([str(clash)], "is a built-in policy's"), ([str(bad)], "unknown scorer 'nope'"),
+                             ([str(tmp_path / "none.yaml")], "can't read profile")]:
+        with pytest.raises(ValueError, match=message):
+            routing.policy_sources(entries)
+    assert _bench(["--workload", "trace", "--limit", "5", "--policies", "ours,bogus", "--no-plot",
+                   "--out", str(tmp_path / "x")]) == 2
