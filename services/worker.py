@@ -345,8 +345,9 @@ async def discover_kvstore(args: argparse.Namespace, wait_s: float = 60.0) -> st
 # Numeric flags and their lower bounds: (flag, minimum, the minimum itself allowed). Checked at startup
 # so a bad value ends the worker with a message instead of a traceback (or, for the sim latencies,
 # instead of a worker that runs with a negative clock).
-_BOUNDS = (("lease_ttl", 1, True), ("drain_seconds", 0.0, True), ("max_model_len", 1, True), ("max_num_seqs", 1, True), ("block_size", 1, True),
-           ("kv_cache_gib", 1, True), ("kv_lease_s", 1, True), ("kv_blocks", 1, True),
+_BOUNDS = (("lease_ttl", 1, True), ("drain_seconds", 0.0, True), ("max_model_len", 1, True),
+           ("max_num_seqs", 1, True), ("block_size", 1, True), ("kv_cache_gib", 1, True),
+           ("kv_lease_s", 1, True), ("kv_blocks", 1, True),
            ("kv_events_buffer", 1, True), ("kv_events_heartbeat", 0.0, False), ("kv_events_interval", 0.0, True),
            ("sim_prefill_per_token", 0.0, True), ("sim_step_overhead", 0.0, True), ("sim_itl", 0.0, True),
            ("sim_batch_slowdown", 0.0, True), ("sim_num_blocks", 1, True), ("sim_max_prefill_tokens", 1, True),

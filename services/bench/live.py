@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 import yaml
 
-from scheduler.policies import policy_spec
+from scheduler.policies import POLICY_NAMES, policy_spec
 from services.bench.des import ClusterSpec, RequestResult, summarize
 from services.bench.workload import WorkloadRequest, prompt_tokens
 from services.etcd_server import EtcdServer
@@ -95,10 +95,11 @@ def _number(value: Any) -> bool:
 
 
 def profile_spec(source: str) -> dict[str, Any]:
-    """The profile mapping of a --policies source: a built-in policy's name, or a profile file."""
-    if source.endswith((".yaml", ".yml")):
-        return yaml.safe_load(pathlib.Path(source).read_text())
-    return policy_spec(source)
+    """The profile mapping of a --policies source (services/bench/routing.policy_sources): a built-in
+    policy's name, or else a profile file."""
+    if source in POLICY_NAMES:
+        return policy_spec(source)
+    return yaml.safe_load(pathlib.Path(source).read_text())
 
 
 @contextlib.contextmanager

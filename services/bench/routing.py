@@ -50,6 +50,7 @@ import math
 import pathlib
 import time
 
+from scheduler.policies import POLICY_NAMES
 from services.bench.des import ClusterSpec, _Hasher, simulate
 from services.bench.workload import CHUNK_TOKENS, WorkloadRequest, load_trace, long_short_mix, shared_prefix
 from services.engines.sim_engine import add_kv_transfer_arguments, kv_transfer_from_args
@@ -57,7 +58,7 @@ from services.engines.sim_model import SimLatency
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRACE_NAME = "mooncake_conversation_trace.jsonl"
-ALL_POLICIES = ("ours", "random", "round-robin", "least-loaded", "llm-d", "dynamo", "sglang", "mooncake")
+ALL_POLICIES = POLICY_NAMES  # ours and the peers, by name
 OURS = "ours"
 TARGET_RATIO = 1 / 1.2  # issue 3: ours p90 TTFT <= best peer's / 1.2, and hit rate >= best peer's
 PD_ITL_TARGET = 0.5  # issue 4: in simulation, P/D decode ITL p99 <= 1/2 of aggregated's
