@@ -4,6 +4,11 @@ front of N simulated engines (services/engines/sim_model), in simulated time.
 Per arrival: every engine is advanced to the arrival time (so queues, KV usage
 and the block index are current), the request's prompt is hashed exactly as
 the engines hash it, the policy decides, and the request joins that engine.
+The router decides one request at a time (`decision_s` each, default 0): a
+burst of arrivals (the conversation trace stamps ~10 requests with the same
+time) reaches the engines `decision_s` apart, as from the live scheduler, so
+the first of a burst on an idle engine starts its prefill step alone; with 0
+the whole burst lands at once and shares one step.
 Between arrivals the clock jumps to the next engine event. Engines' KV events
 feed the block index as they happen (a live mesh adds the event stream's
 latency; `event_delay_s` is not modelled yet).
@@ -233,9 +238,13 @@ class _PrefillLeg:
 
 def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, model: str = "bench",
              chunk: int = 512, slo_ttft_s: float = 2.0, hasher: _Hasher | None = None,
-             share_hashes: bool = True, results_out: list[RequestResult] | None = None) -> dict:
+             share_hashes: bool = True, results_out: list[RequestResult] | None = None,
+             decision_s: float = 0.0) -> dict:
     """Replay `requests` through `policy` (the decode choice; scheduler.disagg adds the P/D rule)
-    on the cluster's simulated engines; returns the summary, with `pd_decisions` (rule → count)."""
+    on the cluster's simulated engines; returns the summary, with `pd_decisions` (rule → count).
+    `decision_s`: the router's time per decision (the module docstring); TTFT counts from arrival."""
+    if not (math.isfinite(decision_s) and decision_s >= 0):
+        raise ValueError(f"decision_s must be >= 0, got {decision_s}")
     from scheduler.disagg import Disaggregator
     from scheduler.framework import RequestView, WorkerState
     from scheduler.index import BlockIndex
@@ -331,8 +340,11 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
 
     i = 0
     now = 0.0
+    router_free = -math.inf  # when the router is done deciding the previous request
     while i < len(pending) or engine_events:
-        arrival = pending[i].arrival_s if i < len(pending) else math.inf
+        # A request is decided (and reaches its engine) once the router is free: a burst of
+        # arrivals reaches the engines `decision_s` apart, as from the live scheduler.
+        arrival = max(pending[i].arrival_s, router_free + decision_s) if i < len(pending) else math.inf
         while engine_events and engine_events[0][0] <= arrival:
             t, worker_id = heapq.heappop(engine_events)
             if next_at[worker_id] != t:
@@ -341,7 +353,7 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
             run_engine(worker_id, now)
         if i >= len(pending):
             continue
-        now = arrival
+        now = router_free = arrival
         request = pending[i]
         i += 1
         for worker_id in engines:  # bring every engine (and the index) up to `now`

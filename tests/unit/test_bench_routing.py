@@ -180,3 +180,46 @@ def test_policy_entries_are_checked(tmp_path: pathlib.Path) -> None:
             routing.policy_sources(entries)
     assert _bench(["--workload", "trace", "--limit", "5", "--policies", "ours,bogus", "--no-plot",
                    "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_burst_reaches_the_engine_one_decision_apart() -> None:
+    from scheduler.policies import policy_by_name
+    from services.bench.des import ClusterSpec, simulate
+    from services.bench.workload import WorkloadRequest
+
+    # One engine decoding a long answer; at t=1 a short and a long prompt arrive with the same stamp.
+    warm = WorkloadRequest(0.0, (20,), 100, 1000)
+    burst = [WorkloadRequest(1.0, (1, 2), 1000, 2), WorkloadRequest(1.0, (3, 4, 5, 6, 7, 8, 9, 10), 4000, 2)]
+    spec = ClusterSpec(workers=1, num_blocks=1024)
+    lat = spec.latency
+    step = lat.decode_time(1)  # the decode step in flight at t=1 ends within this
+
+    def ttfts(requests: list, decision_s: float) -> list[float]:
+        results: list = []
+        simulate(requests, policy_by_name("round-robin"), spec, decision_s=decision_s, results_out=results)
+        return [r.ttft for r in results[1:]]
+
+    # All at once: both wait out the decode step, share one prefill step, get their first token together.
+    a, b = ttfts([warm, *burst], 0.0)
+    assert a == pytest.approx(b) and 0 <= a - lat.prefill_time(5000) <= step
+    # More than a decode step apart: the short prompt's step starts without the long one.
+    a, b = ttfts([warm, *burst], 2 * step)
+    assert 0 <= a - lat.prefill_time(1000) <= step
+    assert b == pytest.approx(a + lat.prefill_time(4000))
+    # A request arriving after the router is free is decided at its own arrival time.
+    assert ttfts([warm, WorkloadRequest(20.0, (11,), 500, 2)], 2 * step) == pytest.approx([lat.prefill_time(500)])
+    with pytest.raises(ValueError, match="decision_s"):
+        simulate(burst, policy_by_name("round-robin"), spec, decision_s=-0.001)
+
+
+def test_the_decision_time_is_reported_and_checked(tmp_path: pathlib.Path, capsys) -> None:
+    out = tmp_path / "d"
+    argv = ["--workload", "shared-prefix", "--tenants", "2", "--requests", "20", "--workers", "2",
+            "--policies", "round-robin", "--out", str(out), "--no-plot"]
+    assert _bench(argv) == 0
+    assert json.loads((out / "routing.json").read_text())["decision_s"] == routing.DEFAULT_DECISION_MS / 1e3
+    assert _bench([*argv, "--decision-ms", "0.5"]) == 0
+    assert json.loads((out / "routing.json").read_text())["decision_s"] == 0.0005
+    for bad in ("-1", "nan", "inf"):
+        assert _bench([*argv, "--decision-ms", bad]) == 2
+        assert "--decision-ms must be >= 0" in capsys.readouterr().out
