@@ -7,8 +7,9 @@ the engines hash it, the policy decides, and the request joins that engine.
 The router decides one request at a time (`decision_s` each, default 0): a
 burst of arrivals (the conversation trace stamps ~10 requests with the same
 time) reaches the engines `decision_s` apart, as from the live scheduler, so
-the first of a burst on an idle engine starts its prefill step alone; with 0
-the whole burst lands at once and shares one step.
+a request sent to an engine in mid-step waits only with those that came before
+that step ended; with 0 the whole burst lands at once, and all of it sent to
+one engine in mid-step shares that engine's next prefill step.
 Between arrivals the clock jumps to the next engine event. Engines' KV events
 feed the block index as they happen (a live mesh adds the event stream's
 latency; `event_delay_s` is not modelled yet).

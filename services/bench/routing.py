@@ -63,8 +63,8 @@ OURS = "ours"
 # The live mesh's scheduler decides a burst's requests one by one: at speedup 1 on the 2-core dev
 # box they reach the workers 2-3 ms apart. A simulation given the live run's own choices (mooncake,
 # first 1,000 trace requests) matches its per-request TTFTs with 2 ms (mean error +0.017 s, p90 TTFT
-# 3.98 vs 3.93 s live); with 0 ms every request of a burst lands at once, shares one prefill step
-# with the others on its worker, and p90 TTFT comes out 4.73 s.
+# 3.98 vs 3.93 s live); with 0 ms every request of a burst lands at once, those sent to a worker
+# in mid-step share its next prefill step, and p90 TTFT comes out 4.73 s.
 DEFAULT_DECISION_MS = 2.0
 TARGET_RATIO = 1 / 1.2  # issue 3: ours p90 TTFT <= best peer's / 1.2, and hit rate >= best peer's
 PD_ITL_TARGET = 0.5  # issue 4: in simulation, P/D decode ITL p99 <= 1/2 of aggregated's
