@@ -52,11 +52,16 @@ class WorkerState:
     """What routing knows about one worker, as one scheduler replica sees it.
 
     Membership fields come from etcd; `reported_*` / `kv_cache_usage` from the
-    worker's last GetLoad poll (they include other replicas' requests but may
-    be a poll interval old); `inflight`, `pending_*` and `active_blocks` are
-    this replica's own requests (exact and instant), kept by `start()`/`Ticket`.
+    worker's last GetLoad poll (`report()`: they include other replicas' requests
+    but may be a poll interval old); `inflight`, `pending_*` and `active_blocks`
+    are this replica's own requests (exact and instant), kept by `start()`/`Ticket`.
     Routing takes the max of the two views so it neither double counts its own
-    requests nor ignores the other replicas'.
+    requests nor ignores the other replicas'. Between polls the report is kept
+    current for what this replica sees: a request of ours that the report may
+    count (dispatched before it was asked for) moves from `reported_waiting` to
+    `reported_running` at its first token and leaves `reported_running` when it
+    ends. (Without that, a 1 s old report keeps a request "waiting" up to 1 s
+    after its prefill ended, and the TTFT model queues later ones behind it.)
     """
 
     worker_id: str
@@ -75,6 +80,8 @@ class WorkerState:
     reported_running: int = 0
     reported_waiting: int = 0
     kv_cache_usage: float = 0.0
+    dispatched: int = 0  # this replica's requests ever sent here (each Ticket's `seq`)
+    report_seq: int = 0  # `dispatched` when the last report was asked for: tickets up to it may be in it
     # Measured prefill speed (uncached tokens/s), EWMA of unqueued requests; None until measured.
     prefill_tokens_per_s: float | None = None
     # Measured mean request duration (dispatch → last token), EWMA; None until measured.
@@ -120,9 +127,16 @@ class WorkerState:
         """KV blocks held by running requests: the report, or our own estimate if larger."""
         return max(self.active_blocks, int(self.kv_cache_usage * self.kv_blocks_total))
 
+    def report(self, running: int, waiting: int, kv_cache_usage: float, *, as_of: int | None = None) -> None:
+        """Take the worker's load report. `as_of`: `dispatched` when the report was asked for
+        (default: now); our requests dispatched by then may be counted in it."""
+        self.reported_running, self.reported_waiting, self.kv_cache_usage = running, waiting, kv_cache_usage
+        self.report_seq = self.dispatched if as_of is None else as_of
+
     def start(self, prefill_tokens: int, kv_blocks: int) -> Ticket:
         """Record a request dispatched here (use `Decision.prefill_tokens` / `.request_blocks`)."""
-        ticket = Ticket(self, prefill_tokens, kv_blocks, queued_ahead=self.waiting)
+        self.dispatched += 1
+        ticket = Ticket(self, prefill_tokens, kv_blocks, queued_ahead=self.waiting, seq=self.dispatched)
         self.inflight += 1
         self.pending_prefill += 1
         self.pending_prefill_tokens += prefill_tokens
@@ -138,6 +152,7 @@ class Ticket:
     prefill_tokens: int
     kv_blocks: int
     queued_ahead: int
+    seq: int = 0  # WorkerState.dispatched when it was sent
     prefilled: bool = False
     finished: bool = False
 
@@ -153,6 +168,9 @@ class Ticket:
         s = self.state
         s.pending_prefill -= 1
         s.pending_prefill_tokens -= self.prefill_tokens
+        if self.seq <= s.report_seq and s.reported_waiting > 0:  # the report may count it waiting
+            s.reported_waiting -= 1
+            s.reported_running += 1
         # Only a request that queued behind nothing measures the worker's speed.
         if ttft_s and ttft_s > 0 and self.queued_ahead == 0 and self.prefill_tokens >= self.MIN_SAMPLE_TOKENS:
             speed = self.prefill_tokens / ttft_s
@@ -169,6 +187,8 @@ class Ticket:
         self.finished = True
         s = self.state
         s.inflight -= 1
+        if self.seq <= s.report_seq and s.reported_running > 0:  # the report may count it running
+            s.reported_running -= 1
         s.active_blocks -= self.kv_blocks
         if completed and elapsed_s and elapsed_s > 0:
             old = s.mean_request_s

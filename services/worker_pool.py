@@ -135,12 +135,11 @@ class WorkerPool:
             await asyncio.sleep(self.poll_interval_s)
 
     async def _poll(self, worker: PooledWorker) -> None:
+        asked_at = worker.state.dispatched  # our requests sent before this may be in the answer
         try:
             # At least a second: a short interval must not turn a busy worker's slow answer into no answer.
             load = await worker.stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=max(1.0, self.poll_interval_s))
         except grpc.aio.AioRpcError:
             return  # membership decides liveness; a missed poll keeps the last load
         worker.load = load
-        worker.state.reported_running = load.running
-        worker.state.reported_waiting = load.waiting
-        worker.state.kv_cache_usage = load.kv_cache_usage
+        worker.state.report(load.running, load.waiting, load.kv_cache_usage, as_of=asked_at)

@@ -12,7 +12,11 @@ that step ended; with 0 the whole burst lands at once, and all of it sent to
 one engine in mid-step shares that engine's next prefill step.
 Between arrivals the clock jumps to the next engine event. Engines' KV events
 feed the block index as they happen (a live mesh adds the event stream's
-latency; `event_delay_s` is not modelled yet).
+latency; `event_delay_s` is not modelled yet). The engines' load (running,
+waiting, KV usage) reaches the router every `load_poll_s`, for all engines at
+once, as the scheduler's GetLoad poll does (--load-poll-interval); with 0 it is
+current after every engine event. The router's own counts (its dispatches,
+first tokens, finishes) are always current, as live.
 
 Topology (`ClusterSpec`): `workers` aggregated engines (Role.BOTH, today's
 default), plus optionally `prefill_workers` and `decode_workers`. Every request
@@ -240,12 +244,15 @@ class _PrefillLeg:
 def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, model: str = "bench",
              chunk: int = 512, slo_ttft_s: float = 2.0, hasher: _Hasher | None = None,
              share_hashes: bool = True, results_out: list[RequestResult] | None = None,
-             decision_s: float = 0.0) -> dict:
+             decision_s: float = 0.0, load_poll_s: float = 0.0) -> dict:
     """Replay `requests` through `policy` (the decode choice; scheduler.disagg adds the P/D rule)
     on the cluster's simulated engines; returns the summary, with `pd_decisions` (rule → count).
-    `decision_s`: the router's time per decision (the module docstring); TTFT counts from arrival."""
+    `decision_s`: the router's time per decision (the module docstring); TTFT counts from arrival.
+    `load_poll_s`: how old the engines' reported load is (the module docstring); 0: always current."""
     if not (math.isfinite(decision_s) and decision_s >= 0):
         raise ValueError(f"decision_s must be >= 0, got {decision_s}")
+    if not (math.isfinite(load_poll_s) and load_poll_s >= 0):
+        raise ValueError(f"load_poll_s must be >= 0, got {load_poll_s}")
     from scheduler.disagg import Disaggregator
     from scheduler.framework import RequestView, WorkerState
     from scheduler.index import BlockIndex
@@ -334,19 +341,29 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
                 r.finish_s = out.time
                 entry.ticket.finish(out.time - entry.dispatched_s)
                 del live[out.request_id]
-        state, load = states[worker_id], engines[worker_id].load()
-        state.reported_running, state.reported_waiting, state.kv_cache_usage = (
-            load.running, load.waiting, load.kv_cache_usage)
+        if not load_poll_s:
+            report(worker_id)
         schedule(worker_id)
+
+    def report(worker_id: str) -> None:
+        load = engines[worker_id].load()
+        states[worker_id].report(load.running, load.waiting, load.kv_cache_usage)
 
     i = 0
     now = 0.0
     router_free = -math.inf  # when the router is done deciding the previous request
+    next_poll = pending[0].arrival_s if load_poll_s and pending else math.inf
     while i < len(pending) or engine_events:
         # A request is decided (and reaches its engine) once the router is free: a burst of
         # arrivals reaches the engines `decision_s` apart, as from the live scheduler.
         arrival = max(pending[i].arrival_s, router_free + decision_s) if i < len(pending) else math.inf
-        while engine_events and engine_events[0][0] <= arrival:
+        while engine_events and engine_events[0][0] <= arrival or next_poll <= arrival < math.inf:
+            if next_poll <= arrival and not (engine_events and engine_events[0][0] <= next_poll):
+                # The scheduler polls every engine's load at once; engine events due by then come first.
+                for worker_id in engines:
+                    report(worker_id)
+                next_poll += load_poll_s
+                continue
             t, worker_id = heapq.heappop(engine_events)
             if next_at[worker_id] != t:
                 continue  # superseded

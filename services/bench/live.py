@@ -57,6 +57,7 @@ class LiveOptions:
     # bounds the client's own memory, never reached at sane loads.
     max_in_flight: int = 2048
     log_dir: pathlib.Path | None = None
+    load_poll_s: float = DEFAULT_POLL_INTERVAL_S  # the scheduler's GetLoad interval, in trace time
 
 
 def worker_argv(spec: ClusterSpec, speedup: float) -> list[str]:
@@ -104,9 +105,9 @@ def profile_spec(source: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def live_mesh(etcd: str, policy: str, profile: Mapping[str, Any], spec: ClusterSpec, speedup: float,
-              log_dir: pathlib.Path) -> Iterator[str]:
-    """Sim workers and a scheduler running `profile` (reported as `policy`); yields the scheduler's
-    address. Stops them by pid."""
+              log_dir: pathlib.Path, load_poll_s: float = DEFAULT_POLL_INTERVAL_S) -> Iterator[str]:
+    """Sim workers and a scheduler running `profile` (reported as `policy`), which polls their load
+    every `load_poll_s` of trace time; yields the scheduler's address. Stops them by pid."""
     children: list[Child] = []
     try:
         addresses = []
@@ -125,7 +126,7 @@ def live_mesh(etcd: str, policy: str, profile: Mapping[str, Any], spec: ClusterS
         compressed.write_text(yaml.safe_dump(compress_time(profile, speedup), sort_keys=False))
         scheduler = Child.llm_mesh(f"{policy}-scheduler", ["scheduler", "--port", str(port), "--etcd", etcd,
                                                            "--profile", str(compressed),
-                                                           "--load-poll-interval", repr(DEFAULT_POLL_INTERVAL_S / speedup)],
+                                                           "--load-poll-interval", repr(load_poll_s / speedup)],
                                    log_dir)
         scheduler.start()
         children.append(scheduler)
@@ -227,7 +228,7 @@ def run_live(requests: list[WorkloadRequest], policies: dict[str, str], spec: Cl
             for name, source in policies.items():
                 t0 = time.perf_counter()
                 with live_mesh(etcd_server.endpoint, name, profile_spec(source), spec, options.speedup,
-                               log_dir) as address:
+                               log_dir, options.load_poll_s) as address:
                     asyncio.run(wait_for_workers(address, spec.workers))
                     started = time.perf_counter()
                     results, duration, failures, gaps = asyncio.run(

@@ -6,7 +6,10 @@ simulated engines (services/engines/sim_model), driven by the discrete-event
 loop of services/bench/des.py. Engines emit vLLM-style KV events into the
 block index as their caches change; the scheduler hashes each prompt exactly
 as the engines do. So whole traces run in minutes, and each policy sees the
-same requests at the same times.
+same requests at the same times. The simulated router keeps the live one's
+timing: it decides one request at a time (`--decision-ms` each) and sees the
+engines' load as of its last poll (`--load-poll-interval`, the scheduler's
+default; a live run passes it to its scheduler), its own requests at once.
 
 Live (`--mode live`, services/bench/live.py): the same workload through real
 processes — sim workers with wall-clock latencies, a scheduler process per
@@ -55,6 +58,7 @@ from services.bench.des import ClusterSpec, _Hasher, simulate
 from services.bench.workload import CHUNK_TOKENS, WorkloadRequest, load_trace, long_short_mix, shared_prefix
 from services.engines.sim_engine import add_kv_transfer_arguments, kv_transfer_from_args
 from services.engines.sim_model import SimLatency
+from services.worker_pool import DEFAULT_POLL_INTERVAL_S
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRACE_NAME = "mooncake_conversation_trace.jsonl"
@@ -130,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sim: the router decides one request at a time, this long each, so a burst "
                              "reaches the engines this far apart (default: the live mesh's spacing at "
                              "speedup 1, measured; 0: a burst arrives at once)")
+    parser.add_argument("--load-poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S,
+                        help="seconds of trace time between the scheduler's polls of the workers' load "
+                             "(default: the scheduler's; sim: 0 gives the router every engine's current load)")
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")
     parser.add_argument("--seed", type=int, default=0, help="workload and policy randomness")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results/routing"))
@@ -281,15 +288,17 @@ def make_policy(source: str, seed: int):  # noqa: ANN201 - a scheduler Policy
 
 
 def run_policies(requests: list[WorkloadRequest], policies: dict[str, str], spec: ClusterSpec, *,
-                 slo_ttft_s: float, seed: int, decision_s: float = 0.0, progress=print) -> dict[str, dict]:
+                 slo_ttft_s: float, seed: int, decision_s: float = 0.0, load_poll_s: float = 0.0,
+                 progress=print) -> dict[str, dict]:
     """Simulate each policy (report name → source) on the same requests; one shared hasher (block
-    hashes memoized once)."""
+    hashes memoized once). `decision_s`, `load_poll_s`: des.simulate's."""
     hasher = _Hasher(spec.block_size, CHUNK_TOKENS)
     out: dict[str, dict] = {}
     for name, source in policies.items():
         policy = make_policy(source, seed)
         t0 = time.perf_counter()
-        summary = simulate(requests, policy, spec, slo_ttft_s=slo_ttft_s, hasher=hasher, decision_s=decision_s)
+        summary = simulate(requests, policy, spec, slo_ttft_s=slo_ttft_s, hasher=hasher, decision_s=decision_s,
+                           load_poll_s=load_poll_s)
         summary["wall_s"] = time.perf_counter() - t0
         out[name] = summary
         progress(f"  {name:<13} done in {summary['wall_s']:.1f}s wall "
@@ -455,6 +464,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"--decision-ms must be >= 0, got {args.decision_ms}")
         return 2
     decision_s = args.decision_ms / 1e3
+    poll_s = args.load_poll_interval
+    if not (math.isfinite(poll_s) and (poll_s > 0 or poll_s == 0 and args.mode == "sim")):
+        print(f"--load-poll-interval must be > 0 seconds (>= 0 in sim mode), got {poll_s}")
+        return 2
     latency, latency_desc = resolve_latency(args)
     spec = build_spec(args, latency)
     pd_cluster = spec.prefill_workers > 0
@@ -483,11 +496,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"live: {args.workers} sim worker processes + a scheduler process per policy, real etcd and gRPC; "
               f"speedup {args.speedup:g}x (latencies below are in trace time)")
         results = run_live(requests, policies, spec, slo_ttft_s=args.slo_ttft, model=DEFAULT_MODEL_NAME,
-                           options=LiveOptions(speedup=args.speedup, log_dir=args.log_dir))
+                           options=LiveOptions(speedup=args.speedup, log_dir=args.log_dir, load_poll_s=poll_s))
     else:
-        print(f"sim: the router takes {args.decision_ms:g} ms per decision (--decision-ms)")
+        print(f"sim: the router takes {args.decision_ms:g} ms per decision (--decision-ms) and sees the "
+              f"engines' load every {poll_s:g} s (--load-poll-interval)")
         results = run_policies(requests, policies, spec, slo_ttft_s=args.slo_ttft, seed=args.seed,
-                               decision_s=decision_s)
+                               decision_s=decision_s, load_poll_s=poll_s)
     baseline, pd_v, store_v = None, None, None
     if args.kvstore_blocks:  # the same requests and engines with the shared store
         stored = with_store(spec, args)
@@ -496,14 +510,14 @@ def run(args: argparse.Namespace) -> int:
               f"{link.bandwidth_gbps:g} Gb/s + {link.latency_s * 1e3:g} ms per load, "
               f"{link.tokens_per_s:,.0f} tokens/s):")
         baseline, results = results, run_policies(requests, policies, stored, slo_ttft_s=args.slo_ttft,
-                                                  seed=args.seed, decision_s=decision_s)
+                                                  seed=args.seed, decision_s=decision_s, load_poll_s=poll_s)
         store_v = store_verdict(baseline, results)
     if pd_cluster:  # the same requests on the aggregated cluster of the same size
         aggregated = dataclasses.replace(spec, workers=spec.total_workers, prefill_workers=0,
                                          decode_workers=0)
         print(f"baseline: {describe_cluster(aggregated)}")
         baseline = run_policies(requests, policies, aggregated, slo_ttft_s=args.slo_ttft, seed=args.seed,
-                                decision_s=decision_s)
+                                decision_s=decision_s, load_poll_s=poll_s)
         pd_v = pd_verdict(results, baseline)
     v = verdict(results, args.slo_ttft)
     bounds = floor(requests, latency, args.block_size)
@@ -546,6 +560,7 @@ def run(args: argparse.Namespace) -> int:
         "latency": latency_desc,
         "slo_ttft_s": args.slo_ttft,
         **({"decision_s": decision_s} if args.mode == "sim" else {}),
+        "load_poll_s": poll_s,
         "seed": args.seed,
         "policies": {k: {kk: vv for kk, vv in s.items() if kk != "ttfts"} for k, s in results.items()},
         "verdict": v,

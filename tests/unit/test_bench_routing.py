@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import types
 
@@ -12,6 +13,7 @@ from services import cli
 from services.bench import routing
 from services.bench.des import connect_index
 from services.engines.base import AllBlocksCleared, BlockRemoved, BlockStored
+from services.worker_pool import DEFAULT_POLL_INTERVAL_S
 
 TRACE = routing.default_trace()
 KEYS = {"requests", "completed", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_mean_s", "e2e_p90_s",
@@ -212,6 +214,36 @@ def test_a_burst_reaches_the_engine_one_decision_apart() -> None:
         simulate(burst, policy_by_name("round-robin"), spec, decision_s=-0.001)
 
 
+def test_the_router_sees_the_engines_load_as_of_its_last_poll() -> None:
+    from scheduler.policies import policy_by_name
+    from services.bench.des import ClusterSpec, simulate
+    from services.bench.workload import WorkloadRequest
+
+    class Recording:  # round-robin, noting the load it was shown
+        name = "recording"
+
+        def __init__(self) -> None:
+            self.inner, self.seen = policy_by_name("round-robin"), []
+
+        def decide(self, request, workers, index, dry_run=False):
+            self.seen.append((workers[0].reported_running, workers[0].reported_waiting))
+            return self.inner.decide(request, workers, index, dry_run=dry_run)
+
+    # A's prefill ends at ~0.5 s; B comes at 0.7 s and C at 1.5 s, both while A (and B) decode.
+    requests = [WorkloadRequest(0.0, (1,), 5000, 1000), WorkloadRequest(0.7, (2,), 100, 1000),
+                WorkloadRequest(1.5, (3,), 100, 1000)]
+    spec = ClusterSpec(workers=1, num_blocks=1024)
+    seen = {}
+    for poll in (0.0, 1.0):
+        p = Recording()
+        simulate(requests, p, spec, load_poll_s=poll)
+        seen[poll] = p.seen
+    assert seen[0.0] == [(0, 0), (1, 0), (2, 0)]  # current after every engine event
+    assert seen[1.0] == [(0, 0), (0, 0), (2, 0)]  # polled at 0 s (before A) and at 1 s
+    with pytest.raises(ValueError, match="load_poll_s"):
+        simulate(requests, policy_by_name("round-robin"), spec, load_poll_s=math.nan)
+
+
 def test_the_decision_time_is_reported_and_checked(tmp_path: pathlib.Path, capsys) -> None:
     out = tmp_path / "d"
     argv = ["--workload", "shared-prefix", "--tenants", "2", "--requests", "20", "--workers", "2",
@@ -223,3 +255,10 @@ def test_the_decision_time_is_reported_and_checked(tmp_path: pathlib.Path, capsy
     for bad in ("-1", "nan", "inf"):
         assert _bench([*argv, "--decision-ms", bad]) == 2
         assert "--decision-ms must be >= 0" in capsys.readouterr().out
+    assert json.loads((out / "routing.json").read_text())["load_poll_s"] == DEFAULT_POLL_INTERVAL_S
+    assert _bench([*argv, "--load-poll-interval", "0"]) == 0
+    assert json.loads((out / "routing.json").read_text())["load_poll_s"] == 0.0
+    for bad in ("-1", "nan", "inf"):
+        assert _bench([*argv, "--load-poll-interval", bad]) == 2
+        assert "--load-poll-interval must be > 0 seconds (>= 0 in sim mode)" in capsys.readouterr().out
+    assert _bench([*argv, "--mode", "live", "--load-poll-interval", "0"]) == 2  # the scheduler needs > 0

@@ -90,6 +90,32 @@ def test_a_request_that_fails_before_its_first_token_is_undone():
     assert (w2.inflight, w2.pending_prefill, w2.pending_prefill_tokens, w2.active_blocks) == (0, 0, 0, 0)
 
 
+def test_our_first_tokens_and_ends_keep_an_old_report_current():
+    w = WorkerState("a", "m", 8)
+    before = [w.start(1000, 10), w.start(1000, 10)]
+    asked = w.dispatched  # the poll is sent: both may be in its answer
+    after = w.start(1000, 10)  # sent while the poll is in flight: not in it
+    w.report(running=3, waiting=4, kv_cache_usage=0.5, as_of=asked)  # + another replica's 3 and 2
+    assert (w.reported_running, w.reported_waiting, w.kv_cache_usage) == (3, 4, 0.5)
+    before[0].first_token()  # it was waiting in the report: now it runs
+    assert (w.reported_running, w.reported_waiting) == (4, 3) and w.waiting == 3
+    before[0].finish()
+    assert (w.reported_running, w.reported_waiting) == (3, 3)
+    after.first_token()  # not in the report: it changes nothing there
+    after.finish()
+    assert (w.reported_running, w.reported_waiting) == (3, 3)
+    before[1].finish()  # failed before its first token: it leaves the waiting queue, then the engine
+    assert (w.reported_running, w.reported_waiting) == (3, 2)
+    w.report(running=0, waiting=1, kv_cache_usage=0.0)  # no as_of: it counts all we sent so far
+    assert w.report_seq == w.dispatched == 3
+    stale = WorkerState("b", "m", 8)
+    t = stale.start(10, 1)
+    stale.report(running=0, waiting=0, kv_cache_usage=0.0)  # it already ran (report counts none)
+    t.first_token()
+    t.finish()
+    assert (stale.reported_running, stale.reported_waiting) == (0, 0)  # never below zero
+
+
 def test_request_view_hashes_like_vllm():
     tokens = list(range(40))
     r = RequestView.from_tokens("m", tokens, block_size=16, session_id="s")
