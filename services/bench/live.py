@@ -23,6 +23,10 @@ trace requests at ×1.5, K = 4), ours 4.34 → 4.83 s p90 TTFT, mooncake
 6.89 → 5.93 s.
 
 Caches start empty for every policy (fresh workers), as in sim mode.
+
+Each run is checked against the simulator (services/bench/agreement.py): its own worker choices,
+replayed in simulated time, with the per-request TTFT error in the report
+(`sim_with_these_choices`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import grpc
 import yaml
 
 from scheduler.policies import POLICY_NAMES, policy_spec
+from services.bench.agreement import replay_choices
 from services.bench.des import ClusterSpec, RequestResult, summarize
 from services.bench.workload import WorkloadRequest, prompt_tokens
 from services.etcd_server import EtcdServer
@@ -58,6 +63,9 @@ class LiveOptions:
     max_in_flight: int = 2048
     log_dir: pathlib.Path | None = None
     load_poll_s: float = DEFAULT_POLL_INTERVAL_S  # the scheduler's GetLoad interval, in trace time
+    # The scheduler's time per decision, wall clock (a burst's spacing): for the simulator's
+    # replay of each run's choices (services/bench/agreement.py), where it is K times longer.
+    decision_s: float = 0.002
 
 
 def worker_argv(spec: ClusterSpec, speedup: float) -> list[str]:
@@ -235,12 +243,18 @@ def run_live(requests: list[WorkloadRequest], policies: dict[str, str], spec: Cl
                         replay(address, requests, prompts, model, options))
                     replay_wall = time.perf_counter() - started
                 summary = summarize(results, slo_ttft_s, duration, gaps)
+                check = replay_choices(requests, results, spec, decision_s=options.decision_s * options.speedup,
+                                       load_poll_s=options.load_poll_s)
                 summary |= {"ttfts": sorted(r.ttft for r in results), "failed": failures,
-                            "wall_s": time.perf_counter() - t0, "replay_wall_s": replay_wall}
+                            "wall_s": time.perf_counter() - t0, "replay_wall_s": replay_wall,
+                            "sim_with_these_choices": check}
                 out[name] = summary
                 progress(f"  {name:<13} done in {summary['wall_s']:.1f}s wall "
                          f"(p90 TTFT {summary['ttft_p90_s']:.3f}s, hit {summary['hit_rate']:.3f}, "
                          f"{failures} failed)")
+                progress(f"  {'':<13} simulated with the same choices: p90 TTFT {check['ttft_p90_s']:.3f}s, hit "
+                         f"{check['hit_rate']:.3f}; per request sim - live {check['ttft_error_mean_s']:+.3f}s "
+                         f"mean, |error| p90 {check['ttft_error_abs_p90_s']:.3f}s")
         finally:
             etcd_server.stop()
     return out

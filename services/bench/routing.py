@@ -133,7 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decision-ms", type=float, default=DEFAULT_DECISION_MS,
                         help="sim: the router decides one request at a time, this long each, so a burst "
                              "reaches the engines this far apart (default: the live mesh's spacing at "
-                             "speedup 1, measured; 0: a burst arrives at once)")
+                             "speedup 1, measured; 0: a burst arrives at once); live: the same wall-clock "
+                             "spacing, for the simulated replay of each run's choices")
     parser.add_argument("--load-poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S,
                         help="seconds of trace time between the scheduler's polls of the workers' load "
                              "(default: the scheduler's; sim: 0 gives the router every engine's current load)")
@@ -496,7 +497,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"live: {args.workers} sim worker processes + a scheduler process per policy, real etcd and gRPC; "
               f"speedup {args.speedup:g}x (latencies below are in trace time)")
         results = run_live(requests, policies, spec, slo_ttft_s=args.slo_ttft, model=DEFAULT_MODEL_NAME,
-                           options=LiveOptions(speedup=args.speedup, log_dir=args.log_dir, load_poll_s=poll_s))
+                           options=LiveOptions(speedup=args.speedup, log_dir=args.log_dir, load_poll_s=poll_s,
+                                               decision_s=decision_s))
     else:
         print(f"sim: the router takes {args.decision_ms:g} ms per decision (--decision-ms) and sees the "
               f"engines' load every {poll_s:g} s (--load-poll-interval)")

@@ -33,6 +33,10 @@ def test_live_shared_prefix_report(tmp_path: pathlib.Path, model_dir, capsys) ->
         assert 0 < s["ttft_p50_s"] <= s["ttft_p90_s"] <= s["ttft_p99_s"], name
         assert s["e2e_mean_s"] >= s["ttft_mean_s"] > 0, name
         assert 0 <= s["itl_p50_s"] <= s["itl_p99_s"] and s["itl_p99_s"] > 0, name  # per-token arrival gaps
+        # The run's own choices, replayed in the simulator (services/bench/agreement.py).
+        check = s["sim_with_these_choices"]
+        assert check["compared"] == 48 and 0 < check["ttft_p90_s"] and check["ttft_error_abs_p90_s"] >= 0, name
+        assert abs(check["hit_rate"] - s["hit_rate"]) < 0.1, name  # the same blocks cached, near enough
     # Engine-reported hits (usage.cached_prompt_tokens) through the real mesh.
     assert p["ours"]["hit_rate"] > 0.6
     assert p["ours"]["hit_rate"] > p["random"]["hit_rate"]
@@ -45,4 +49,5 @@ def test_live_shared_prefix_report(tmp_path: pathlib.Path, model_dir, capsys) ->
     assert "policy ours;" in (logs / "ours-scheduler.log").read_text()
     assert "policy random;" in (logs / "random-scheduler.log").read_text()
     assert (out / "ttft_cdf.png").exists()
-    assert "live:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "live:" in printed and "simulated with the same choices" in printed

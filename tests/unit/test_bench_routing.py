@@ -262,3 +262,36 @@ def test_the_decision_time_is_reported_and_checked(tmp_path: pathlib.Path, capsy
         assert _bench([*argv, "--load-poll-interval", bad]) == 2
         assert "--load-poll-interval must be > 0 seconds (>= 0 in sim mode)" in capsys.readouterr().out
     assert _bench([*argv, "--mode", "live", "--load-poll-interval", "0"]) == 2  # the scheduler needs > 0
+
+
+def test_a_run_replayed_with_its_own_choices_gives_its_own_results() -> None:
+    from scheduler.policies import policy_by_name
+    from services.bench.agreement import replay_choices
+    from services.bench.des import ClusterSpec, simulate
+    from services.bench.workload import load_trace
+
+    requests = load_trace(routing.default_trace(), limit=200, time_scale=1.5, max_input_tokens=131072)
+    spec = ClusterSpec(workers=4, num_blocks=4096)
+    for name in ("mooncake", "ours"):
+        run: list = []
+        summary = simulate(requests, policy_by_name(name), spec, decision_s=0.002, load_poll_s=1.0,
+                           results_out=run)
+        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+        as_loaded = [None] * len(requests)  # a live run lists results in the requests' order
+        for r, i in zip(run, order):
+            as_loaded[i] = r
+        # Live ids are any strings; they map to the simulated engines in order of first use.
+        renamed = {w: f"worker-{9 - k}" for k, w in enumerate(sorted({r.worker for r in run}))}
+        for r in as_loaded:
+            r.worker = renamed[r.worker]
+        check = replay_choices(requests, as_loaded, spec, decision_s=0.002, load_poll_s=1.0)
+        assert check["compared"] == len(requests)
+        assert check["ttft_p90_s"] == pytest.approx(summary["ttft_p90_s"]), name
+        assert check["hit_rate"] == pytest.approx(summary["hit_rate"]), name
+        assert check["ttft_error_abs_p90_s"] == pytest.approx(0.0, abs=1e-9), name
+    # Another spacing of a burst changes the timing, and the check shows it.
+    moved = replay_choices(requests, as_loaded, spec, decision_s=0.0, load_poll_s=1.0)
+    assert moved["ttft_error_abs_p90_s"] > 0.0
+    as_loaded[0].worker = ""  # failed live: not sent anywhere in the replay, not compared
+    as_loaded[0].first_token_s = as_loaded[0].finish_s = None
+    assert replay_choices(requests, as_loaded, spec, decision_s=0.002, load_poll_s=1.0)["compared"] == len(requests) - 1
