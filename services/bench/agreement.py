@@ -15,8 +15,8 @@ import statistics
 from collections.abc import Sequence
 
 from scheduler.framework import Decision, RequestView, WorkerState, start_decision
-from scheduler.index import BlockIndex
-from services.bench.des import ClusterSpec, RequestResult, percentile, simulate
+from scheduler.index import BlockIndex, Tier
+from services.bench.des import ClusterSpec, RequestResult, arrival_order, percentile, simulate
 from services.bench.workload import WorkloadRequest
 
 
@@ -38,10 +38,9 @@ class ForcedChoices:
             d.reason = "failed in the live run"
             return d
         held = index.match_prefix(request.model, request.block_hashes).get(want) if request.block_hashes else None
-        blocks = held.blocks if held is not None else 0
         d.worker_id = want
-        d.cached_tokens = blocks * request.block_size
-        d.prefill_tokens = max(0, request.prompt_tokens - d.cached_tokens)
+        d.cached_tokens = min(request.prompt_tokens, (held.by_tier[Tier.ENGINE] if held else 0) * request.block_size)
+        d.prefill_tokens = max(0, request.prompt_tokens - (held.blocks if held else 0) * request.block_size)
         return d
 
 
@@ -57,7 +56,7 @@ def replay_choices(requests: list[WorkloadRequest], live: list[RequestResult], s
             if len(ids) == len(names):
                 raise ValueError(f"the live run used more workers than the {len(names)} simulated")
             ids[r.worker] = names[len(ids)]
-    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)  # simulate's (stable) order
+    order = arrival_order(requests)
     forced = [ids[live[i].worker] if live[i].worker else None for i in order]
     simulated: list[RequestResult] = []
     summary = simulate(requests, ForcedChoices(forced), spec, decision_s=decision_s, load_poll_s=load_poll_s,

@@ -241,6 +241,12 @@ class _PrefillLeg:
     raw_hashes: list[bytes]
 
 
+def arrival_order(requests: Sequence[WorkloadRequest]) -> list[int]:
+    """The order `simulate` decides `requests` in (and lists its results in): by arrival, ties in
+    list order."""
+    return sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+
+
 def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, model: str = "bench",
              chunk: int = 512, slo_ttft_s: float = 2.0, hasher: _Hasher | None = None,
              share_hashes: bool = True, results_out: list[RequestResult] | None = None,
@@ -284,7 +290,7 @@ def simulate(requests: list[WorkloadRequest], policy, spec: ClusterSpec, *, mode
     results: list[RequestResult] = []
     itl_gaps = array.array("d")
     rules: collections.Counter[str] = collections.Counter()
-    pending = sorted(requests, key=lambda r: r.arrival_s)
+    pending = [requests[i] for i in arrival_order(requests)]
     engine_events: list[tuple[float, str]] = []  # (next event time, worker) — lazily invalidated
     next_at: dict[str, float | None] = {w: None for w in engines}
 

@@ -561,7 +561,7 @@ def run(args: argparse.Namespace) -> int:
                     "kvstore_gbps": args.kvstore_gbps, "kvstore_latency_ms": args.kvstore_latency_ms},
         "latency": latency_desc,
         "slo_ttft_s": args.slo_ttft,
-        **({"decision_s": decision_s} if args.mode == "sim" else {}),
+        "decision_s": decision_s,  # sim: the router's spacing; live: that of the replay of its choices
         "load_poll_s": poll_s,
         "seed": args.seed,
         "policies": {k: {kk: vv for kk, vv in s.items() if kk != "ttfts"} for k, s in results.items()},

@@ -267,7 +267,7 @@ def test_the_decision_time_is_reported_and_checked(tmp_path: pathlib.Path, capsy
 def test_a_run_replayed_with_its_own_choices_gives_its_own_results() -> None:
     from scheduler.policies import policy_by_name
     from services.bench.agreement import replay_choices
-    from services.bench.des import ClusterSpec, simulate
+    from services.bench.des import ClusterSpec, arrival_order, simulate
     from services.bench.workload import load_trace
 
     requests = load_trace(routing.default_trace(), limit=200, time_scale=1.5, max_input_tokens=131072)
@@ -276,7 +276,7 @@ def test_a_run_replayed_with_its_own_choices_gives_its_own_results() -> None:
         run: list = []
         summary = simulate(requests, policy_by_name(name), spec, decision_s=0.002, load_poll_s=1.0,
                            results_out=run)
-        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+        order = arrival_order(requests)
         as_loaded = [None] * len(requests)  # a live run lists results in the requests' order
         for r, i in zip(run, order):
             as_loaded[i] = r
